@@ -1,0 +1,346 @@
+"""The training loop: DeepSpeed engine, views -> encoder -> head -> NT-Xent -> step, checkpoints.
+
+Every rank runs the same steps. Per micro-batch the loss is checked for finiteness and the ranks
+agree on it before backward, so a bad step is skipped everywhere (no update; the LR schedule still
+advances so it stays equal to the plan). Checkpoints are DeepSpeed's own (`step_<N>` tags) with a
+client state holding our step counters; `latest` is written only after every rank has finished
+writing. A stop request (SIGTERM, SIGUSR1) is agreed on at a step boundary, then the run
+checkpoints and exits cleanly so a relaunch resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ds_simclr import dist
+from ds_simclr.dsconfig import BatchPlan, deepspeed_config, plan_batch
+from ds_simclr.errors import TrainingError
+from ds_simclr.loss import contrastive_metrics, nt_xent
+from ds_simclr.rundir import RunPaths, check_resumable, checkpoint_tags, write_atomic, write_run_files
+from ds_simclr.runtime import Placement, init_distributed
+from ds_simclr.schedule import prime
+from ds_simclr.spec import RunSpec
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries (DeepSpeed keeps model, optimizer and scheduler)."""
+
+    step: int = 0
+    """Optimizer steps completed (also the data position: the loader is a function of it)."""
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "ds_simclr": {
+                "step": self.step,
+                "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
+            }
+        }
+
+    @classmethod
+    def from_client_state(cls, client: dict[str, Any]) -> TrainState:
+        ours = client["ds_simclr"]
+        torch.set_rng_state(ours["rng"]["torch"])
+        np.random.set_state(ours["rng"]["numpy"])
+        random.setstate(ours["rng"]["python"])
+        return cls(ours["step"], ours["skipped_steps"], ours["consecutive_nonfinite"])
+
+
+@dataclass
+class TrainResult:
+    """How a `train` call ended."""
+
+    run_dir: Path
+    steps_done: int
+    stopped_early: bool
+    skipped_steps: int
+    losses: list[float] = field(default_factory=list)
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _environment(place: Placement) -> dict[str, Any]:
+    import deepspeed
+
+    hosts = [None] * place.world_size
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "cuda": torch.version.cuda,
+        "git_commit": commit or None,
+        "world_size": place.world_size,
+        "hosts": sorted(set(hosts)),
+        "rank_hosts": hosts,
+    }
+
+
+def _prune_checkpoints(paths: RunPaths, keep_last: int) -> None:
+    for tag in checkpoint_tags(paths)[:-keep_last]:
+        shutil.rmtree(paths.checkpoints / tag, ignore_errors=True)
+
+
+def save_checkpoint(engine: Any, paths: RunPaths, state: TrainState, keep_last: int) -> str:
+    """Save `step_<N>` on every rank; only then point `latest` at it (atomically) and prune."""
+    tag = f"step_{state.step}"
+    engine.save_checkpoint(str(paths.checkpoints), tag=tag, client_state=state.client_state(), save_latest=False)
+    if dist.is_rank_zero():
+        write_atomic(paths.checkpoints / "latest", tag)
+        _prune_checkpoints(paths, keep_last)
+    torch.distributed.barrier()
+    return tag
+
+
+class Trainer:
+    """One rank's part of a run; `run()` trains from the current state to the end (or a stop)."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path | None = None) -> None:
+        import deepspeed
+
+        from ds_simclr.data.loader import PairLoader
+        from ds_simclr.data.source import resolve_store
+        from ds_simclr.model import build_model
+
+        self.spec = spec
+        self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
+        self.batch: BatchPlan = plan_batch(spec, self.place.world_size)
+        self.ds_config = deepspeed_config(spec, self.place.world_size)
+        self.paths = RunPaths(Path(run_dir) if run_dir else spec.run_dir)
+        self.rank_zero = self.place.rank == 0
+
+        check_resumable(self.paths, spec)  # every rank checks, so every rank fails alike
+        if self.rank_zero:
+            write_run_files(self.paths, spec, self.ds_config)
+            store = resolve_store(spec.data, build=True)
+        torch.distributed.barrier()
+        if not self.rank_zero:
+            store = resolve_store(spec.data, build=False)
+        environment = _environment(self.place)
+        if self.rank_zero:
+            write_atomic(self.paths.environment, json.dumps(environment, indent=2) + "\n")
+
+        torch.manual_seed(spec.seed)
+        model = build_model(
+            spec.model.encoder,
+            in_channels=spec.model.in_channels,
+            head_hidden=spec.model.head_hidden,
+            head_out=spec.model.head_out,
+            head_layers=spec.model.head_layers,
+        )
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=self.ds_config
+        )
+        self.dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
+
+        self.state = TrainState()
+        tag = self.paths.latest_tag()
+        if tag is not None:
+            _, client = self.engine.load_checkpoint(str(self.paths.checkpoints), tag=tag)
+            self.state = TrainState.from_client_state(client)
+        else:
+            prime(self.scheduler)
+        self.loader = PairLoader(
+            store,
+            spec.data,
+            spec.views,
+            seed=spec.seed,
+            global_batch=spec.train.global_batch,
+            micro_batch=self.batch.micro_batch,
+            grad_accum=self.batch.grad_accum,
+            steps_per_epoch=spec.train.steps_per_epoch,
+            rank=self.place.rank,
+            world_size=self.place.world_size,
+            device=self.place.device,
+        )
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def _optimizer_step(self, batches: Any) -> dict[str, Any]:
+        """Run the micro-batches of one optimizer step; returns the step's metrics."""
+        spec, engine = self.spec, self.engine
+        lr = float(engine.get_lr()[0])
+        times = {"time_data_s": 0.0, "time_fwd_bwd_s": 0.0, "time_optimizer_s": 0.0}
+        losses: list[float] = []
+        finite = True
+        z_last: tuple[torch.Tensor, torch.Tensor] | None = None
+        for micro in range(self.batch.grad_accum):
+            batch = next(batches)
+            if (batch.step, batch.micro) != (self.state.step, micro):
+                raise RuntimeError(f"loader out of step: got {(batch.step, batch.micro)}, expected {(self.state.step, micro)}")
+            times["time_data_s"] += batch.data_wait_s
+            t0 = time.perf_counter()
+            views = torch.cat([batch.view1, batch.view2]).to(self.dtype)  # (2n, 1, S, S, S)
+            z = engine(views)  # (2n, D)
+            z1, z2 = z.chunk(2)  # (n, D) each
+            loss = nt_xent(z1, z2, spec.loss.temperature)
+            finite = dist.all_ranks_true(finite and bool(torch.isfinite(loss)))
+            if not finite and self.batch.grad_accum == 1:
+                times["time_fwd_bwd_s"] += time.perf_counter() - t0
+                break  # skip: no backward, no optimizer step on any rank
+            engine.backward(loss)
+            times["time_fwd_bwd_s"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            engine.step()
+            times["time_optimizer_s"] += time.perf_counter() - t1
+            losses.append(float(loss.detach()))
+            z_last = (z1.detach(), z2.detach())
+        if not finite:
+            self._skip_step()
+        elif self.batch.grad_accum > 1 and not engine.was_step_applied():
+            finite = False  # DeepSpeed's own overflow check refused the update
+        row: dict[str, Any] = {
+            "loss": float(np.mean(losses)) if finite else float("nan"),
+            "lr": lr,
+            "skipped": not finite,
+            **times,
+        }
+        if finite:
+            row["grad_norm"] = _as_float(engine.get_global_grad_norm())
+            if z_last is not None:
+                row.update(contrastive_metrics(*z_last, spec.loss.temperature))
+        return row
+
+    def _skip_step(self) -> None:
+        """Account for a non-finite step; stop (with a checkpoint) after too many in a row."""
+        engine = self.engine
+        if self.batch.grad_accum > 1 and engine.was_step_applied():
+            raise TrainingError(
+                "a non-finite loss reached an optimizer that does not skip such steps",
+                where=self.spec.where("train.grad_accum"),
+                hint="use ZeRO stage 1 or 2, or grad_accum 1",
+            )
+        if self.batch.grad_accum == 1:
+            self.scheduler.step()  # keep the LR equal to the plan at every step
+        self.state.skipped_steps += 1
+        self.state.consecutive_nonfinite += 1
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop_at: int | None = None) -> TrainResult:
+        """Train until the planned end, `stop_at` steps, or an agreed stop request."""
+        from ds_simclr.telemetry import MetricsLog, Progress, WandbRun
+
+        spec, total = self.spec, self.spec.train.total_steps
+        end = min(total, stop_at) if stop_at is not None else total
+        stop = StopRequest()
+        stop.install()
+        metrics = wandb_run = progress = None
+        if self.rank_zero:
+            metrics = MetricsLog(self.paths.metrics, resume_step=self.state.step)
+            wandb_run = WandbRun(
+                self.paths,
+                spec.logging.wandb_project,
+                spec.logging.wandb_entity,
+                spec.logging.wandb_mode,
+                spec.name or self.paths.root.name,
+                config={"spec": spec.model_dump(mode="json"), "deepspeed": self.ds_config, "world_size": self.place.world_size},
+            )
+            progress = Progress(total, self.state.step)
+        result = TrainResult(self.paths.root, self.state.step, False, self.state.skipped_steps)
+        pairs_per_step = self.batch.global_batch
+        batches = self.loader.iterate(self.state.step)
+        try:
+            while self.state.step < end:
+                t0 = time.perf_counter()
+                row = self._optimizer_step(batches)
+                self.state.step += 1
+                step_time = time.perf_counter() - t0
+                if not row["skipped"]:
+                    self.state.consecutive_nonfinite = 0
+                    result.losses.append(row["loss"])
+                row.update(
+                    step=self.state.step,
+                    epoch=(self.state.step - 1) // spec.train.steps_per_epoch,
+                    skipped_steps=self.state.skipped_steps,
+                    pairs_per_s=pairs_per_step / step_time,
+                    views_per_s=2 * pairs_per_step / step_time,
+                    time_step_s=step_time,
+                )
+                stopping = dist.any_rank_true(stop.signal is not None)
+                too_many_bad = self.state.consecutive_nonfinite >= spec.train.max_nonfinite_steps
+                last = self.state.step == end
+                if self.rank_zero and (self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"]):
+                    metrics.write(row)
+                    wandb_run.log(row)
+                    progress.update(row)
+                if self.state.step % spec.checkpoint.every_steps == 0 or last or stopping or too_many_bad:
+                    save_checkpoint(self.engine, self.paths, self.state, spec.checkpoint.keep_last)
+                if too_many_bad:
+                    raise TrainingError(
+                        f"{self.state.consecutive_nonfinite} steps in a row had a non-finite loss; stopped at"
+                        f" step {self.state.step} with a checkpoint",
+                        where=self.spec.where("train.max_nonfinite_steps"),
+                        hint="lower optimizer.lr or train.grad_clip, check the data",
+                    )
+                if stopping:
+                    result.stopped_early = True
+                    break
+        finally:
+            self.loader.close()
+            stop.restore()
+            if self.rank_zero:
+                metrics.close()
+                wandb_run.close()
+        result.steps_done = self.state.step
+        result.skipped_steps = self.state.skipped_steps
+        return result
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def train(spec: RunSpec, run_dir: Path | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train `spec` on this rank (every rank of the job calls this)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return Trainer(spec, run_dir).run(stop_at=stop_at)

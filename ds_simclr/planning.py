@@ -1,0 +1,151 @@
+"""`ds_simclr plan`: what a spec will do on W ranks, computed without building anything heavy.
+
+Parameter counts and activation sizes come from the architecture table (no model import); the LR
+milestones come from DeepSpeed's own scheduler (`schedule.planned_lrs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ds_simclr.architectures import ENCODERS, EncoderArch
+from ds_simclr.dsconfig import BatchPlan, plan_batch
+from ds_simclr.spec import RunSpec
+
+
+
+def _size(n_bytes: float) -> str:
+    """Bytes as MiB below 1 GiB, else GiB."""
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """The plan as text plus the LR per optimizer step (for the plot)."""
+
+    text: str
+    lrs: list[float]
+    batch: BatchPlan
+
+
+def default_world_size(spec: RunSpec) -> int:
+    """nodes x procs_per_node when the spec fixes both, else 1."""
+    dist = spec.distributed
+    if isinstance(dist.nodes, int) and isinstance(dist.procs_per_node, int):
+        return dist.nodes * dist.procs_per_node
+    return 1
+
+
+def encoder_parameters(arch: EncoderArch, in_channels: int) -> int:
+    """Parameters of a ResEnc encoder: conv weights + biases, norm affines, 1x1 skip projections."""
+    k3 = arch.kernel_size**3
+
+    def conv_norm(cin: int, cout: int, kernel_volume: int, bias: bool) -> int:
+        return cin * cout * kernel_volume + (cout if bias else 0) + 2 * cout
+
+    total = conv_norm(in_channels, arch.features[0], k3, True)  # stem
+    cin = arch.features[0]
+    for cout, blocks, stride in zip(arch.features, arch.blocks, arch.strides):
+        for block in range(blocks):
+            total += conv_norm(cin, cout, k3, True) + conv_norm(cout, cout, k3, True)
+            if block == 0 and cin != cout:
+                total += conv_norm(cin, cout, 1, False)
+            cin = cout
+    return total
+
+
+def head_parameters(spec: RunSpec) -> int:
+    """Parameters of the MLP head: linear layers plus a norm affine after each hidden layer."""
+    model = spec.model
+    widths = [ENCODERS[model.encoder].pooled_features]
+    widths += [model.head_hidden] * (model.head_layers - 1) + [model.head_out]
+    total = 0
+    for cin, cout in zip(widths, widths[1:]):
+        total += cin * cout + cout
+    return total + 2 * model.head_hidden * (model.head_layers - 1)
+
+
+def activation_bytes(spec: RunSpec, micro_batch: int) -> int:
+    """Rough size of the tensors kept for backward in one micro-step (both views).
+
+    Each residual block keeps about five feature maps (two conv outputs, two normalised maps with
+    the activation in place, the sum), the stem two; the head's are negligible. An estimate to size micro_batch, not a promise.
+    """
+    arch = ENCODERS[spec.model.encoder]
+    size = spec.views.output_size
+    elements = 2 * arch.features[0] * size**3
+    for features, blocks, stride in zip(arch.features, arch.blocks, arch.strides):
+        size = max(1, size // stride)
+        elements += 5 * blocks * features * size**3
+    bytes_per_element = 2 if spec.train.precision == "bf16" else 4
+    return 2 * micro_batch * elements * bytes_per_element
+
+
+def state_bytes_per_rank(parameters: int, spec: RunSpec, world_size: int) -> dict[str, float]:
+    """Weights, gradients and optimizer state per rank; ZeRO >= 1 shards the fp32 state."""
+    shards = world_size if spec.train.zero_stage >= 1 else 1
+    if spec.train.precision == "bf16":
+        weights, grads, master = 2 * parameters, 2 * parameters, 4 * parameters / shards
+    else:
+        weights, grads, master = 4 * parameters, 4 * parameters, 0.0
+    adam = 8 * parameters / shards
+    return {"weights": weights, "grads": grads, "fp32 master": master, "Adam moments": adam}
+
+
+def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
+    """Compute the plan for `world_size` ranks (default: from the spec)."""
+    from ds_simclr.schedule import planned_lrs
+
+    world = world_size or default_world_size(spec)
+    batch = plan_batch(spec, world)
+    lrs = planned_lrs(spec)
+    total = spec.train.total_steps
+    warmup_end = min(spec.warmup_steps + 1, total)  # first step at the peak
+    milestones = {"warm-up end": warmup_end, "mid": max(1, total // 2), "end": total}
+    arch = ENCODERS[spec.model.encoder]
+    params = encoder_parameters(arch, spec.model.in_channels) + head_parameters(spec)
+    state = state_bytes_per_rank(params, spec, world)
+    activations = activation_bytes(spec, batch.micro_batch)
+    epochs = f"{total / spec.train.steps_per_epoch:g} epochs x {spec.train.steps_per_epoch} steps"
+    lines = [
+        f"plan for {spec.name} on {world} rank{'s' if world > 1 else ''}",
+        f"  batch        {batch.global_batch} pairs/step = {batch.micro_batch} micro x"
+        f" {batch.grad_accum} accumulation x {world} ranks",
+        f"  negatives    {batch.negatives_per_anchor} per anchor (2N-2, N = {batch.micro_batch * world}"
+        " pairs per micro-step over all ranks)",
+        f"  steps        {total:,} optimizer steps ({epochs})",
+        f"  lr           peak {spec.peak_lr:.3g}; "
+        + "; ".join(f"{name} (step {step:,}) {lrs[step - 1]:.3g}" for name, step in milestones.items()),
+        f"  model        {spec.model.encoder}, {params / 1e6:.1f} M parameters, {spec.train.precision},"
+        f" ZeRO-{spec.train.zero_stage}",
+        "  memory/rank  "
+        + ", ".join(f"{name} {_size(value)}" for name, value in state.items())
+        + f" = {_size(sum(state.values()))}",
+        f"  activations  ~{_size(activations)} per micro-batch (2 views x {batch.micro_batch} x"
+        f" {spec.views.output_size}^3, estimate)",
+    ]
+    return PlanReport(text="\n".join(lines), lrs=lrs, batch=batch)
+
+
+def plot_lr_curve(lrs: list[float], path: Path, title: str, realised: list[tuple[int, float]] | None = None) -> None:
+    """PNG of the planned LR per optimizer step, with the realised LR on top when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.plot(range(1, len(lrs) + 1), lrs, label="planned", color="tab:blue")
+    if realised:
+        steps, values = zip(*realised)
+        ax.plot(steps, values, "o", markersize=3, label="realised", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,174 @@
+"""Run spec validation: good specs load, every bad one is one clear line with exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CONFIGS
+from ds_simclr.cli import main
+from ds_simclr.errors import SpecError
+from ds_simclr.spec import RunSpec, load_spec
+
+MINIMAL = {
+    "data": {"demo": True, "patch_size": 48},
+    "views": {"output_size": 32, "crop_min": 24},
+    "model": {"encoder": "resenc_tiny"},
+    "train": {"global_batch": 8, "steps_per_epoch": 4},
+}
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def with_change(dotted: str, value: object) -> str:
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    *parents, leaf = dotted.split(".")
+    target = raw
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+    return yaml.safe_dump(raw)
+
+
+def test_shipped_specs_are_valid() -> None:
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        spec = load_spec(path)
+        assert spec.name == path.stem
+
+
+def test_defaults_and_name_from_stem(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, yaml.safe_dump(MINIMAL), "my_run.yaml"))
+    assert spec.name == "my_run"
+    assert spec.train.total_steps == 4
+    assert spec.train.zero_stage == 1 and spec.train.precision == "bf16"
+    assert spec.run_dir == tmp_path / "runs" / "my_run"
+
+
+def test_paths_resolve_against_spec_folder_and_expand_vars(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MY_STORE", "/data/store")
+    text = with_change("data", {"store": "$MY_STORE/x", "patch_size": 48})
+    spec = load_spec(write(tmp_path, text.replace("output_dir: runs", "") + "output_dir: out\n"))
+    assert spec.data.store == Path("/data/store/x")
+    assert spec.output_dir == tmp_path / "out"
+
+
+def test_set_overrides_are_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    spec = load_spec(path, ["train.max_steps=3", "loss.temperature=0.1"])
+    assert spec.train.total_steps == 3 and spec.loss.temperature == 0.1
+    with pytest.raises(SpecError, match=r"--set train.max_steps"):
+        load_spec(path, ["train.max_steps=zero"])
+    with pytest.raises(SpecError, match="unknown key 'max_step'.*did you mean 'max_steps'"):
+        load_spec(path, ["train.max_step=3"])
+
+
+def test_lr_scaling_from_global_batch(tmp_path: Path) -> None:
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    linear = load_spec(path, ["optimizer.lr_scaling=linear", "optimizer.base_batch=4", "optimizer.lr=0.1"])
+    sqrt = load_spec(path, ["optimizer.lr_scaling=sqrt", "optimizer.base_batch=2", "optimizer.lr=0.1"])
+    assert linear.peak_lr == pytest.approx(0.2) and sqrt.peak_lr == pytest.approx(0.2)
+
+
+def test_error_names_the_yaml_line(tmp_path: Path) -> None:
+    text = yaml.safe_dump(MINIMAL, sort_keys=False).replace("steps_per_epoch: 4", "steps_per_epoch: -4")
+    path = write(tmp_path, text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "steps_per_epoch" in row)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.one_line().startswith(f"{path}:{line}: train.steps_per_epoch:")
+
+
+BAD_SPECS: dict[str, str] = {
+    "empty file": "",
+    "only a comment": "# nothing here\n",
+    "top-level list": "- data\n- train\n",
+    "top-level scalar": "42\n",
+    "malformed yaml": "train: {global_batch: 8\n",
+    "bad indentation": "train:\n  global_batch: 8\n   steps_per_epoch: 4\n",
+    "python tag": "train: !!python/object/apply:os.system ['echo hi']\n",
+    "unknown top-level key": with_change("trian", {"global_batch": 8}),
+    "misspelled train key": with_change("train.global_bacth", 8),
+    "misspelled nested model key": with_change("model.encodr", "resenc_l"),
+    "unknown views key": with_change("views.rotation", 10),
+    "unknown data key": with_change("data.paths", "/x"),
+    "unknown logging key": with_change("logging.wandb", "x"),
+    "missing train": yaml.safe_dump({k: v for k, v in MINIMAL.items() if k != "train"}),
+    "missing global_batch": with_change("train", {"steps_per_epoch": 4}),
+    "wrong type global_batch": with_change("train.global_batch", "eight"),
+    "wrong type section": with_change("optimizer", "adam"),
+    "zero global_batch": with_change("train.global_batch", 0),
+    "negative lr": with_change("optimizer.lr", -0.1),
+    "zero temperature": with_change("loss.temperature", 0),
+    "negative epochs": with_change("train.epochs", -1),
+    "zero micro_batch": with_change("train.micro_batch", 0),
+    "micro_batch word": with_change("train.micro_batch", "automatic"),
+    "unknown encoder": with_change("model.encoder", "resnet50"),
+    "unknown precision": with_change("train.precision", "fp16"),
+    "zero stage 4": with_change("train.zero_stage", 4),
+    "impossible batch arithmetic": with_change("train", {"global_batch": 10, "micro_batch": 4, "steps_per_epoch": 4}),
+    "impossible accumulation": with_change("train", {"global_batch": 9, "grad_accum": 2, "steps_per_epoch": 4}),
+    "both warmups": with_change("schedule", {"warmup_steps": 2, "warmup_epochs": 1}),
+    "beta out of range": with_change("optimizer.betas", [0.9, 1.0]),
+    "bad launcher": with_change("distributed.launcher", "srun"),
+    "bad port": with_change("distributed.master_port", 70000),
+    "bad run name": with_change("name", "../escape"),
+    "demo and store": with_change("data", {"demo": True, "store": "/x"}),
+    "no data source": with_change("data", {"patch_size": 48}),
+    "crop larger than patch": with_change("views.crop_min", 64),
+    "view not divisible by stride": with_change("views.output_size", 36),
+    "wandb mode": with_change("logging.wandb_mode", "cloud"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_exits_2_with_one_line(case: str, tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, BAD_SPECS[case])
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}") and "Traceback" not in err
+
+
+def test_missing_spec_file(tmp_path: Path, capsys) -> None:
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "spec file not found" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, BAD_SPECS["zero global_batch"])
+    with pytest.raises(SpecError):
+        main(["--debug", "validate", str(path)])
+
+
+def test_console_script_exit_status(tmp_path: Path) -> None:
+    """The installed entry point, as a user runs it: exit 2, one line, no traceback."""
+    path = write(tmp_path, BAD_SPECS["misspelled train key"])
+    exe = Path(sys.executable).with_name("ds_simclr")
+    result = subprocess.run([str(exe), "validate", str(path)], capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "global_bacth" in result.stderr
+
+
+def test_every_field_has_a_docstring() -> None:
+    def walk(model: type) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, RunSpec.__mro__[1]):
+                missing += walk(annotation)
+        return missing
+
+    assert walk(RunSpec) == []
