@@ -100,6 +100,112 @@ def train(
     return 0
 
 
+@app.command()
+def launch(
+    spec_path: SpecArg,
+    overrides: SetOpt = None,
+    launcher: Annotated[
+        Optional[str],
+        typer.Option("--launcher", help="torchrun, deepspeed or mpirun (default: distributed.launcher)."),
+    ] = None,
+    hostfile: Annotated[
+        Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the exact command; create nothing.")] = False,
+) -> int:
+    """Resolve the cluster (local, hostfile or SLURM), write the run directory, start the launcher.
+
+    Exit status: the launcher's; 75 when a SIGTERM/SIGUSR1 stopped the run with a checkpoint (run the
+    same command again to resume, e.g. after `scontrol requeue`).
+    """
+    from ds_simclr.launch import launch as run_launch
+    from ds_simclr.spec import load_spec
+
+    return run_launch(load_spec(spec_path, overrides), launcher, hostfile, dry_run, echo=typer.echo)
+
+
+@app.command()
+def hostfile(
+    output: Annotated[str, typer.Option("-o", "--output", help="Write here; `-` = stdout.")] = "-",
+    slots: Annotated[
+        Optional[int], typer.Option("--slots", min=1, help="Ranks per host (default: GPUs per node, else tasks per node).")
+    ] = None,
+) -> None:
+    """Write a DeepSpeed hostfile from the SLURM allocation (`host slots=N` lines)."""
+    from ds_simclr.hostlist import format_hostfile
+    from ds_simclr.launch import slurm_hostfile
+
+    text = format_hostfile(slurm_hostfile(slots=slots))
+    if output == "-":
+        typer.echo(text, nl=False)
+    else:
+        from ds_simclr.rundir import write_atomic
+
+        write_atomic(Path(output), text)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Demo data and preprocessing.")
+bench_app = typer.Typer(no_args_is_help=True, help="Throughput benchmarks on this machine.")
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+
+@data_app.command("demo")
+def data_demo(out: Annotated[Path, typer.Argument(help="Folder for pretrain_data.json and the volumes.")]) -> None:
+    """Build a small real-MRI collection (pretrain_data.json + volumes) from installed packages."""
+    from ds_simclr.data.demo import build_demo
+
+    typer.echo(f"demo collection written: {build_demo(out)}")
+
+
+@data_app.command("preprocess")
+def data_preprocess(
+    manifest: Annotated[Path, typer.Argument(help="nnSSL pretrain_data.json.")],
+    out: Annotated[Path, typer.Argument(help="Store folder to create or complete.")],
+    jobs: Annotated[int, typer.Option("-j", "--jobs", help="Parallel processes.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished images.")] = False,
+) -> None:
+    """Fingerprint, plan and preprocess into the patch store; skipped files are reported."""
+    from ds_simclr.data.preprocess import preprocess
+
+    report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True)
+    typer.echo(
+        f"{len(report.processed)} preprocessed, {len(report.reused)} reused, {len(report.skipped)} skipped -> {out}"
+    )
+    for skipped in report.skipped:
+        typer.echo(f"  skipped {skipped['path']}: {skipped['reason']}", err=True)
+
+
+@bench_app.command("views")
+def bench_views(
+    spec_path: SpecArg,
+    seconds: Annotated[float, typer.Option("--seconds", help="Time per pipeline.")] = 20.0,
+    overrides: SetOpt = None,
+) -> None:
+    """Views/s on this machine's device against the old MONAI recipe (same volumes, one run)."""
+    from ds_simclr.data.bench import bench_views as run_bench
+    from ds_simclr.spec import load_spec
+
+    spec = load_spec(spec_path, overrides)
+    result = run_bench(spec.views, patch_size=spec.data.patch_size, seconds=seconds)
+    monai = f"{result.monai_views_per_s:.2f}" if result.monai_views_per_s else "n/a"
+    ratio = f"{result.ratio:.2f}x" if result.ratio else "n/a"
+    typer.echo(
+        f"views at {result.output_size}^3 from {result.patch_size}^3 patches on {result.device}"
+        f" ({result.threads} threads, batch {result.batch}): ours {result.ours_views_per_s:.2f} views/s,"
+        f" old MONAI recipe {monai} views/s, ratio {ratio}"
+    )
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """PNGs of loss and learning rate (planned and realised) and of one sample's two views."""
+    from ds_simclr.plots import plot_run
+
+    for path in plot_run(run_dir):
+        typer.echo(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; user errors become one line and exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)

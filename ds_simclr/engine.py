@@ -159,10 +159,10 @@ class Trainer:
         check_resumable(self.paths, spec)  # every rank checks, so every rank fails alike
         if self.rank_zero:
             write_run_files(self.paths, spec, self.ds_config)
-            store = resolve_store(spec.data, build=True)
+            store = resolve_store(spec.data)  # builds the demo / preprocesses a manifest once
         torch.distributed.barrier()
         if not self.rank_zero:
-            store = resolve_store(spec.data, build=False)
+            store = resolve_store(spec.data)
         environment = _environment(self.place)
         if self.rank_zero:
             write_atomic(self.paths.environment, json.dumps(environment, indent=2) + "\n")
@@ -179,6 +179,7 @@ class Trainer:
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
         self.dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
+        self.sample_views: tuple[torch.Tensor, torch.Tensor] | None = None
 
         self.state = TrainState()
         tag = self.paths.latest_tag()
@@ -216,6 +217,7 @@ class Trainer:
             if (batch.step, batch.micro) != (self.state.step, micro):
                 raise RuntimeError(f"loader out of step: got {(batch.step, batch.micro)}, expected {(self.state.step, micro)}")
             times["time_data_s"] += batch.data_wait_s
+            self.sample_views = (batch.view1[0], batch.view2[0])  # for the occasional image
             t0 = time.perf_counter()
             views = torch.cat([batch.view1, batch.view2]).to(self.dtype)  # (2n, 1, S, S, S)
             z = engine(views)  # (2n, D)
@@ -266,6 +268,7 @@ class Trainer:
 
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train until the planned end, `stop_at` steps, or an agreed stop request."""
+        from ds_simclr.plots import view_slices
         from ds_simclr.telemetry import MetricsLog, Progress, WandbRun
 
         spec, total = self.spec, self.spec.train.total_steps
@@ -307,9 +310,11 @@ class Trainer:
                 stopping = dist.any_rank_true(stop.signal is not None)
                 too_many_bad = self.state.consecutive_nonfinite >= spec.train.max_nonfinite_steps
                 last = self.state.step == end
-                if self.rank_zero and (self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"]):
+                image_now = spec.logging.image_every and self.state.step % spec.logging.image_every == 0
+                log_now = self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"] or image_now
+                if self.rank_zero and log_now:
                     metrics.write(row)
-                    wandb_run.log(row)
+                    wandb_run.log(row, {"views": view_slices(*self.sample_views)} if image_now else None)
                     progress.update(row)
                 if self.state.step % spec.checkpoint.every_steps == 0 or last or stopping or too_many_bad:
                     save_checkpoint(self.engine, self.paths, self.state, spec.checkpoint.keep_last)

@@ -56,14 +56,14 @@ def encoder_parameters(arch: EncoderArch, in_channels: int) -> int:
 
 
 def head_parameters(spec: RunSpec) -> int:
-    """Parameters of the MLP head: linear layers plus a norm affine after each hidden layer."""
+    """Parameters of the MLP head: linear layers (its per-sample norms have no parameters)."""
     model = spec.model
-    widths = [ENCODERS[model.encoder].pooled_features]
+    widths = [ENCODERS[model.encoder].feature_dim]
     widths += [model.head_hidden] * (model.head_layers - 1) + [model.head_out]
     total = 0
     for cin, cout in zip(widths, widths[1:]):
         total += cin * cout + cout
-    return total + 2 * model.head_hidden * (model.head_layers - 1)
+    return total
 
 
 def activation_bytes(spec: RunSpec, micro_batch: int) -> int:

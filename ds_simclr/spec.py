@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ds_simclr.architectures import ENCODERS
+from ds_simclr.architectures import check_input_shape
 from ds_simclr.data.options import DataSpec, ViewsSpec
 from ds_simclr.errors import SpecError
 from ds_simclr.specbase import StrictModel
@@ -309,12 +309,11 @@ class RunSpec(StrictModel):
     @model_validator(mode="after")
     def _views_fit(self) -> RunSpec:
         self.views.check_patch(self.data.patch_size)
-        stride = ENCODERS[self.model.encoder].downsampling
-        if self.views.output_size % stride:
-            raise ValueError(
-                f"views.output_size {self.views.output_size} must be a multiple of {stride}, the total"
-                f" stride of {self.model.encoder}"
-            )
+        size = self.views.output_size
+        try:
+            check_input_shape(self.model.encoder, (size, size, size))
+        except ValueError as exc:
+            raise ValueError(f"views.output_size {size}: {exc}") from None
         return self
 
     @property

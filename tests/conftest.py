@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,17 +10,19 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "ds_configs"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (tests run in parallel with other jobs)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from helpers import free_port
 
 
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the preprocessed demo store, built once per test session."""
+    from ds_simclr.data.demo import ensure_demo_store
+
+    cache = tmp_path_factory.mktemp("cache")
+    ensure_demo_store(cache)
+    return cache

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from helpers import free_port
 
 
 def _entry(local_rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple, results: Any) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 from ds_simclr.cli import main
 from ds_simclr.dsconfig import deepspeed_config, plan_batch, working_world_sizes
 from ds_simclr.errors import BatchArithmeticError

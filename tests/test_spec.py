@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 from ds_simclr.cli import main
 from ds_simclr.errors import SpecError
 from ds_simclr.spec import RunSpec, load_spec
@@ -172,3 +172,22 @@ def test_every_field_has_a_docstring() -> None:
         return missing
 
     assert walk(RunSpec) == []
+
+
+def test_encoder_choices_match_the_architecture_table() -> None:
+    from typing import get_args
+
+    from ds_simclr.architectures import ENCODERS
+    from ds_simclr.spec import EncoderName
+
+    assert get_args(EncoderName) == tuple(ENCODERS)
+
+
+def test_readme_spec_reference_is_current() -> None:
+    from helpers import REPO
+
+    from ds_simclr.specdoc import END, START, spec_reference
+
+    text = (REPO / "README.md").read_text()
+    section = text.split(START, 1)[1].split(END, 1)[0]
+    assert section == "\n" + spec_reference(), "README is stale: python -m ds_simclr.specdoc --write README.md"

@@ -7,7 +7,6 @@ reused afterwards. Paths are checked here, where data is used, not when a spec i
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 from pathlib import Path
 
@@ -37,25 +36,21 @@ def check_data_paths(data: DataSpec, where: str = "data") -> None:
         )
 
 
-def resolve_store(data: DataSpec, *, build: bool = True) -> Path:
-    """The store folder to train from; builds it first when `build` and it is not finished.
+def resolve_store(data: DataSpec) -> Path:
+    """The store folder to train from, built first when it is not finished.
 
-    Call with build=True on one rank, then with build=False on the others after a barrier.
+    Ranks of one host may call this at once (a lock makes one build and the others wait); across
+    hosts, call it on rank 0 before a barrier and on the others after it.
     """
     if data.demo:
         from ds_simclr.data.demo import ensure_demo_store
 
-        if build:
-            return ensure_demo_store(Path(data.cache_dir))
-        return Path(data.cache_dir).expanduser() / "demo" / "store"
+        return ensure_demo_store(Path(data.cache_dir))
     check_data_paths(data)
     store = _target(data)
-    if build and data.manifest is not None and not (store / INDEX_NAME).is_file():
-        from ds_simclr.data.preprocess import preprocess
+    if data.manifest is None or (store / INDEX_NAME).is_file():
+        return store
+    from ds_simclr.data.demo import build_once
+    from ds_simclr.data.preprocess import preprocess
 
-        store.mkdir(parents=True, exist_ok=True)
-        with open(store.parent / f".{store.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (store / INDEX_NAME).is_file():
-                preprocess(Path(data.manifest), store, jobs=1, progress=False)
-    return store
+    return build_once(store, lambda: preprocess(Path(data.manifest), store, jobs=1, progress=False))

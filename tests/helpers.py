@@ -1,0 +1,33 @@
+"""Plain helpers shared by test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "ds_configs"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (tests run in parallel with other jobs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_spec_mapping(cache: Path, output_dir: Path, **train: object) -> dict:
+    """A quick spec on the demo data: tiny encoder, 32^3 views, fp32 unless told otherwise."""
+    return {
+        "name": "t",
+        "seed": 3,
+        "output_dir": str(output_dir),
+        "data": {"demo": True, "cache_dir": str(cache), "patch_size": 40, "num_workers": 1},
+        "views": {"output_size": 32, "crop_min": 24},
+        "model": {"encoder": "resenc_tiny", "head_hidden": 32, "head_out": 16, "head_layers": 2},
+        "optimizer": {"lr": 0.01},
+        "schedule": {"warmup_steps": 2, "min_lr_ratio": 0.1},
+        "train": {"global_batch": 4, "steps_per_epoch": 3, "epochs": 2, "precision": "fp32", **train},
+        "checkpoint": {"every_steps": 100, "keep_last": 2},
+        "logging": {"wandb_mode": "disabled", "log_every": 1},
+    }

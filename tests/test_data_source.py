@@ -1,0 +1,30 @@
+"""Which store a data section trains from: an existing store, or a manifest preprocessed once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from data_helpers import NIBABEL_DATA, write_manifest
+
+from ds_simclr.data.options import DataSpec
+from ds_simclr.data.source import resolve_store
+from ds_simclr.data.store import PatchStore
+from ds_simclr.errors import DataError
+
+
+def test_manifest_is_preprocessed_once_into_the_cache(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.json", [("a.nii", str(NIBABEL_DATA / "anatomical.nii"), "T1w")])
+    data = DataSpec(manifest=manifest, cache_dir=tmp_path / "cache")
+    store = resolve_store(data)
+    assert store.parent == tmp_path / "cache" / "stores"
+    assert len(PatchStore(store)) == 1
+    stamp = (store / "store.json").stat().st_mtime_ns
+    assert resolve_store(data) == store and (store / "store.json").stat().st_mtime_ns == stamp
+    assert resolve_store(DataSpec(store=store)) == store
+
+
+def test_store_without_index_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no store.json") as err:
+        resolve_store(DataSpec(store=tmp_path))
+    assert "data preprocess" in (err.value.hint or "")
