@@ -11,14 +11,14 @@ checkpoints and exits cleanly so a relaunch resumes.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import platform
 import random
 import shutil
 import signal
 import socket
-import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 
 from ds_simclr import dist
 from ds_simclr.dsconfig import BatchPlan, deepspeed_config, plan_batch
+from ds_simclr.environment import software
 from ds_simclr.errors import TrainingError
 from ds_simclr.loss import contrastive_metrics, nt_xent
 from ds_simclr.rundir import RunPaths, check_resumable, checkpoint_tags, write_atomic, write_run_files
@@ -101,26 +102,25 @@ class StopRequest:
 
 
 def _environment(place: Placement) -> dict[str, Any]:
-    import deepspeed
-
-    hosts = [None] * place.world_size
+    """Software plus the host of every rank (a collective: every rank calls it)."""
+    hosts: list[str | None] = [None] * place.world_size
     torch.distributed.all_gather_object(hosts, socket.gethostname())
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
+        **software(),
         "cuda": torch.version.cuda,
-        "git_commit": commit or None,
         "world_size": place.world_size,
         "hosts": sorted(set(hosts)),
         "rank_hosts": hosts,
     }
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed's info chatter and known harmless warnings out of the user's terminal."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
 
 
 def _prune_checkpoints(paths: RunPaths, keep_last: int) -> None:
@@ -164,8 +164,10 @@ class Trainer:
         if not self.rank_zero:
             store = resolve_store(spec.data)
         environment = _environment(self.place)
-        if self.rank_zero:
-            write_atomic(self.paths.environment, json.dumps(environment, indent=2) + "\n")
+        if self.rank_zero:  # keep what `launch` recorded (launcher, command, SLURM job), add the ranks' view
+            path = self.paths.environment
+            recorded = json.loads(path.read_text()) if path.is_file() else {}
+            write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
         torch.manual_seed(spec.seed)
         model = build_model(
@@ -175,6 +177,7 @@ class Trainer:
             head_out=spec.model.head_out,
             head_layers=spec.model.head_layers,
         )
+        quiet_deepspeed()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
@@ -336,7 +339,26 @@ class Trainer:
                 wandb_run.close()
         result.steps_done = self.state.step
         result.skipped_steps = self.state.skipped_steps
+        if self.rank_zero:
+            self._finish(result)
         return result
+
+    def _finish(self, result: TrainResult) -> None:
+        """Rank 0: write the plots and say where everything is."""
+        from ds_simclr.plots import plot_run
+
+        try:
+            plots = ", ".join(p.name for p in plot_run(self.paths.root))
+        except Exception as exc:  # a picture must never fail a finished run
+            plots = f"not written ({exc}); run `ds_simclr plot {self.paths.root}`"
+        first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"), float("nan"))
+        state = "stopped early" if result.stopped_early else "finished"
+        print(
+            f"{state} at step {result.steps_done}/{self.spec.train.total_steps}: loss {first:.4f} -> {last:.4f},"
+            f" {result.skipped_steps} skipped; run directory {self.paths.root}"
+            f" (metrics.jsonl, checkpoints/, wandb/, plots/: {plots})",
+            flush=True,
+        )
 
 
 def _as_float(value: Any) -> float | None:

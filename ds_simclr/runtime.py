@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
+
+from ds_simclr.hostlist import free_port
 
 # (rank, world size, local rank, local world size) variables of the MPI launchers we support.
 _MPI_ENV = (
@@ -32,12 +33,6 @@ class Placement:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def export_rank_env() -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from an MPI launcher, or for a single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -53,7 +48,7 @@ def export_rank_env() -> None:
             return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> Placement:

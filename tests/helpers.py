@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
+
+from ds_simclr.hostlist import free_port
+
+__all__ = ["CONFIGS", "REPO", "free_port", "tiny_spec_mapping"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "ds_configs"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (tests run in parallel with other jobs)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_spec_mapping(cache: Path, output_dir: Path, **train: object) -> dict:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from ds_simclr.launch import EXIT_STOPPED, rank_pids
+from ds_simclr.spec import load_spec
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -53,7 +55,8 @@ def test_quickstart_two_ranks(launcher: str, tmp_path: Path, demo_cache: Path) -
     run = tmp_path / "quickstart"
     assert steps(run) == [1, 2, 3]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
-    assert json.loads((run / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 4
+    global_batch = load_spec(QUICKSTART).train.global_batch
+    assert json.loads((run / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == global_batch // 2
     env = json.loads((run / "environment.json").read_text())
     assert env["world_size"] == 2
     assert "launch: command: " in result.stderr and launcher.replace("torchrun", "torch.distributed.run") in result.stderr
