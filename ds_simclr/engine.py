@@ -262,8 +262,7 @@ class Trainer:
                 where=self.spec.where("train.grad_accum"),
                 hint="use ZeRO stage 1 or 2, or grad_accum 1",
             )
-        if self.batch.grad_accum == 1:
-            self.scheduler.step()  # keep the LR equal to the plan at every step
+        self.scheduler.step()  # neither we nor DeepSpeed stepped it: keep the LR equal to the plan
         self.state.skipped_steps += 1
         self.state.consecutive_nonfinite += 1
 
@@ -351,10 +350,10 @@ class Trainer:
             plots = ", ".join(p.name for p in plot_run(self.paths.root))
         except Exception as exc:  # a picture must never fail a finished run
             plots = f"not written ({exc}); run `ds_simclr plot {self.paths.root}`"
-        first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"), float("nan"))
         state = "stopped early" if result.stopped_early else "finished"
+        losses = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "nothing left to train"
         print(
-            f"{state} at step {result.steps_done}/{self.spec.train.total_steps}: loss {first:.4f} -> {last:.4f},"
+            f"{state} at step {result.steps_done}/{self.spec.train.total_steps}: {losses},"
             f" {result.skipped_steps} skipped; run directory {self.paths.root}"
             f" (metrics.jsonl, checkpoints/, wandb/, plots/: {plots})",
             flush=True,

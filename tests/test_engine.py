@@ -220,3 +220,19 @@ def test_changed_spec_is_refused_on_resume(demo_cache: Path, tmp_path: Path) -> 
     longer = json.loads(json.dumps(mapping))
     longer["train"]["max_steps"] = 3
     assert run_ranks(_trainer_worker, 1, longer, None)[0]["steps_done"] == 3
+
+
+def test_nonfinite_micro_batch_with_accumulation_skips_the_whole_step(demo_cache: Path, tmp_path: Path) -> None:
+    """grad_accum 2, bf16 ZeRO-1: a NaN in one rank's micro-batches voids the whole optimizer step."""
+    from ds_simclr.schedule import planned_lrs
+    from ds_simclr.spec import spec_from_mapping
+
+    mapping = tiny_spec_mapping(demo_cache, tmp_path, precision="bf16", max_steps=3, grad_accum=2)
+    results = run_ranks(_trainer_worker, 2, mapping, None, (1,))
+    for result in results:
+        assert result["skipped"] == 1 and result["error"] is None
+        assert result["step_hashes"][2] == result["step_hashes"][1]
+        assert result["step_hashes"][3] != result["step_hashes"][2]
+    rows = _metrics(tmp_path / "t")
+    assert [r["skipped"] for r in rows] == [False, True, False]
+    assert [r["lr"] for r in rows] == pytest.approx(planned_lrs(spec_from_mapping(mapping)))
