@@ -96,7 +96,7 @@ def train(
     from ds_simclr.engine import train as run_training
     from ds_simclr.spec import load_spec
 
-    result = run_training(load_spec(spec_path, overrides), run_dir=run_dir, stop_at=stop_at)
+    run_training(load_spec(spec_path, overrides), run_dir=run_dir, stop_at=stop_at)
     return 0
 
 

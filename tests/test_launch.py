@@ -23,7 +23,6 @@ from ds_simclr.launch import (
     make_plan,
     rank_pids,
     remote_signal_cmd,
-    slurm_hostfile,
 )
 from ds_simclr.spec import load_spec
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +256,7 @@ def test_dry_run_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) 
     for launcher in ("torchrun", "deepspeed", "mpirun"):
         assert main(["launch", str(QUICKSTART), "--dry-run", "--launcher", launcher, "--set", f"output_dir={out}"]) == 0
         text = capsys.readouterr().out
-        assert "world size 2" in text and "micro 8 x accum 1" in text and f"command      " in text
+        assert "world size 2" in text and "micro 8 x accum 1" in text and "command      " in text
     assert not out.exists()
 
 

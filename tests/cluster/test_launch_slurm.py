@@ -104,12 +104,14 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path: Path, demo_cac
     stopped = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 2 <= stopped < 12
     # the requeued job starts again and resumes from the checkpoint; SLURM delays a requeued job's
-    # start by ~2 minutes, so let it begin now once it is pending again
+    # start by ~2 minutes, so let it begin soon once it is pending again (not within the same
+    # second: slurmd refuses that start, "Job credential revoked", as the old instance's credential
+    # was revoked at a one-second granularity)
     deadline = time.monotonic() + 60
     while slurm_cluster.job_state(job)[0] != "PENDING":
         assert time.monotonic() < deadline, slurm_cluster.job_state(job)
         time.sleep(0.3)
-    for cmd in (["release", job], ["update", f"jobid={job}", "StartTime=now"]):
+    for cmd in (["release", job], ["update", f"jobid={job}", "StartTime=now+3"]):
         subprocess.run(["scontrol", *cmd], env=slurm_cluster.env, timeout=30, capture_output=True)
     state = slurm_cluster.wait(job, 300)
     text = out.read_text()
