@@ -16,10 +16,13 @@ import torch
 
 from ds_simclr.hostlist import free_port
 
-# (rank, world size, local rank, local world size) variables of the MPI launchers we support.
-_MPI_ENV = (
+# (rank, world size, local rank, local world size) variables of the process managers we support:
+# Open MPI, MPICH/Hydra, and srun (a job step's own variables, so a batch script is never taken for
+# a rank of a bigger world).
+_RANK_ENV = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
 )
 
 
@@ -34,19 +37,20 @@ class Placement:
 
 
 def export_rank_env() -> None:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from an MPI launcher, or for a single process."""
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from a process manager, or for a single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    for rank_var, size_var, local_var, local_size_var in _MPI_ENV:
-        if rank_var in os.environ:
+    for rank_var, size_var, local_var, local_size_var in _RANK_ENV:
+        if rank_var in os.environ and size_var in os.environ:
             os.environ["RANK"] = os.environ[rank_var]
             os.environ["WORLD_SIZE"] = os.environ[size_var]
             os.environ["LOCAL_RANK"] = os.environ.get(local_var, "0")
-            os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get(local_size_var, "1"))
+            local_size = os.environ.get(local_size_var, "1").split("(")[0].split(",")[0]  # srun: "2(x2)"
+            os.environ.setdefault("LOCAL_WORLD_SIZE", local_size)
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
             return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 

@@ -234,6 +234,8 @@ def test_rank_cmdline_matching() -> None:
     assert not is_rank_cmdline(rank, "/r/y")
     assert not is_rank_cmdline(["/v/python", "-m", "torch.distributed.run", "--standalone", *rank[2:]], run)
     assert not is_rank_cmdline(["/v/python", "-u", "-m", "deepspeed.launcher.launch", "--module", *rank[3:]], run)
+    by_file = ["/v/python", "-u", "/src/ds_simclr/launch/rank_entry.py", "train", "/r/x/spec.yaml", "--run-dir", run]
+    assert is_rank_cmdline(by_file, run) and not is_rank_cmdline(by_file, "/r/y")
 
 
 def test_rank_pids_finds_descendants(tmp_path: Path) -> None:

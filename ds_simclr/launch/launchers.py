@@ -18,6 +18,8 @@ FORWARDED_ENV_PREFIXES = ("WANDB_", "NCCL_", "DS_", "TORCH_", "OMP_", "PYTHON", 
 FORWARDED_ENV_NAMES = ("PATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_HOME", "TMPDIR")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 """The folder holding the ds_simclr package, put on every rank's PYTHONPATH."""
+RANK_ENTRY = str(Path(__file__).with_name("rank_entry.py"))
+"""`python RANK_ENTRY train ...` = `python -m ds_simclr.cli train ...`, for launchers without -m."""
 
 
 @dataclass
@@ -116,10 +118,9 @@ class DeepSpeedLauncher(Launcher):
                 f"--launcher={plan.spec.distributed.deepspeed_backend}",
                 f"--master_addr={c.master_addr}",
             ]
-        return [
-            *runner, *where, f"--master_port={plan.master_port}", "--no_local_rank",
-            "--module", "ds_simclr.cli", *plan.worker_args(),
-        ]
+        # The slurm back-end runs `srun python -u <script>` and ignores --module: give it a file.
+        entry = ["--module", "ds_simclr.cli"] if c.is_local or plan.spec.distributed.deepspeed_backend != "slurm" else [RANK_ENTRY]
+        return [*runner, *where, f"--master_port={plan.master_port}", "--no_local_rank", *entry, *plan.worker_args()]
 
 
 class MpirunLauncher(Launcher):
@@ -199,7 +200,8 @@ def make_plan(
         threads_per_rank=threads,
         micro_batch=batch.micro_batch,
         grad_accum=batch.grad_accum,
-        env=rank_env(spec, cluster, threads, env),
+        # The rendezvous for every launcher (needed where the launcher sets none: mpirun, srun).
+        env={**rank_env(spec, cluster, threads, env), "MASTER_ADDR": cluster.master_addr, "MASTER_PORT": str(port)},
     )
     return LAUNCHERS[name](), plan
 

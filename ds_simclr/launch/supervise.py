@@ -25,12 +25,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def is_rank_cmdline(argv: Sequence[str], run_dir: str) -> bool:
-    """True for `python [-u] -m ds_simclr.cli train ... --run-dir RUN_DIR` (a rank, not a launcher)."""
-    if "-m" not in argv[:3]:
+    """True for a rank, not a launcher: `python [-u] -m ds_simclr.cli train ... --run-dir RUN_DIR`,
+    or the same through `RANK_ENTRY` (`python [-u] .../rank_entry.py train ...`)."""
+    head = list(argv[1:3])
+    if "-m" in head:
+        i = argv.index("-m")
+        if list(argv[i + 1 : i + 2]) != ["ds_simclr.cli"]:
+            return False
+        rest = list(argv[i + 2 :])
+    else:
+        scripts = [i for i, arg in enumerate(argv[:3]) if arg.endswith("/ds_simclr/launch/rank_entry.py")]
+        if not scripts:
+            return False
+        rest = list(argv[scripts[0] + 1 :])
+    if rest[:1] != ["train"] or "--run-dir" not in rest:
         return False
-    i = argv.index("-m")
-    rest = list(argv[i + 1 :])
-    return rest[:2] == ["ds_simclr.cli", "train"] and "--run-dir" in rest and rest[rest.index("--run-dir") + 1 : rest.index("--run-dir") + 2] == [run_dir]
+    return rest[rest.index("--run-dir") + 1 : rest.index("--run-dir") + 2] == [run_dir]
 
 
 def _proc_table() -> dict[int, tuple[int, list[str]]]:

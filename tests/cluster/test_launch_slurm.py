@@ -64,10 +64,11 @@ def test_cpu_smoke_template_one_node(slurm_cluster, tmp_path: Path, demo_cache: 
     assert env["world_size"] == 2 and env["hosts"] == ["h1"]
 
 
-def test_deepspeed_template_two_hosts(slurm_cluster, tmp_path: Path, demo_cache: Path) -> None:
+@pytest.mark.parametrize("backend", ["pdsh", "slurm"])
+def test_deepspeed_template_two_hosts(slurm_cluster, tmp_path: Path, demo_cache: Path, backend: str) -> None:
     out = tmp_path / "job.out"
     args = sets(f"output_dir={tmp_path}", f"data.cache_dir={demo_cache}", "train.max_steps=3",
-                "distributed.nodes=auto", "distributed.procs_per_node=1")
+                "distributed.nodes=auto", "distributed.procs_per_node=1", f"distributed.deepspeed_backend={backend}")
     job = slurm_cluster.sbatch("-N", "2", "--gpus-per-node=2", "--cpus-per-task=1", "--exclusive", "-o", str(out),
                                "slurm/deepspeed_3x4.sbatch", "ds_configs/quickstart.yaml", *args,
                                cwd=REPO, env=job_env(tmp_path))
@@ -76,7 +77,7 @@ def test_deepspeed_template_two_hosts(slurm_cluster, tmp_path: Path, demo_cache:
     assert state == ("COMPLETED", "0:0"), text[-4000:]
     run = tmp_path / "quickstart"
     assert (run / "hostfile").read_text() == "h1 slots=1\nh2 slots=1\n"
-    assert "--launcher=pdsh" in text
+    assert f"--launcher={backend}" in text
     env = json.loads((run / "environment.json").read_text())
     assert env["rank_hosts"] == ["h1", "h2"], env
     assert metrics_steps(run) == [1, 2, 3]
