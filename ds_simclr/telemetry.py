@@ -63,7 +63,10 @@ class WandbRun:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         os.environ.setdefault("WANDB_SILENT", "true")
-        kwargs = dict(project=project, entity=entity, name=name, id=run_id, resume="allow", dir=str(paths.root), config=config)
+        kwargs = dict(
+            project=project, entity=entity, name=name, id=run_id, resume="allow", dir=str(paths.root), config=config,
+            settings=wandb.Settings(init_timeout=60),  # an unreachable server must not hold up training long
+        )
         try:
             self._run = wandb.init(mode=mode, **kwargs)
         except Exception as exc:  # no key or no network: keep a local run rather than stop training

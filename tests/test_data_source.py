@@ -28,3 +28,12 @@ def test_store_without_index_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no store.json") as err:
         resolve_store(DataSpec(store=tmp_path))
     assert "data preprocess" in (err.value.hint or "")
+
+
+def test_an_unset_variable_in_a_data_path_is_named(tmp_path: Path, monkeypatch) -> None:
+    from ds_simclr.data.source import check_data_paths
+    from ds_simclr.errors import DataError
+
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    with pytest.raises(DataError, match=r"\$NOT_SET_ANYWHERE is not set"):
+        check_data_paths(DataSpec(store=Path("$NOT_SET_ANYWHERE/store")))

@@ -8,6 +8,7 @@ reused afterwards. Paths are checked here, where data is used, not when a spec i
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from ds_simclr.data.options import DataSpec
@@ -26,6 +27,13 @@ def check_data_paths(data: DataSpec, where: str = "data") -> None:
     """Raise a one-line DataError naming the field when the data a run needs is not there."""
     if data.demo:
         return
+    for field, path in (("manifest", data.manifest), ("store", data.store)):
+        unset = re.findall(r"\$\{?(\w+)", str(path)) if path is not None else []
+        if unset:
+            raise DataError(
+                f"environment variable ${unset[0]} is not set", where=f"{where}.{field}: {path}",
+                hint=f"export {unset[0]}=... before launching",
+            )
     if data.manifest is not None and not Path(data.manifest).is_file():
         raise DataError("manifest not found", where=f"{where}.manifest: {data.manifest}")
     if data.manifest is None and not (Path(data.store) / INDEX_NAME).is_file():

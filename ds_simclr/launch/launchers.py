@@ -12,6 +12,7 @@ from typing import Mapping
 from ds_simclr.errors import LaunchError
 from ds_simclr.hostlist import HostSlots, format_hostfile, free_port
 from ds_simclr.launch.cluster import Cluster, discover_cluster, visible_gpus
+from ds_simclr.rundir import RunPaths
 from ds_simclr.spec import RunSpec
 
 FORWARDED_ENV_PREFIXES = ("WANDB_", "NCCL_", "DS_", "TORCH_", "OMP_", "PYTHON", "HF_")
@@ -38,16 +39,16 @@ class LaunchPlan:
     """Variables set for the launcher and the ranks on top of the caller's environment."""
 
     @property
-    def hostfile(self) -> Path:
-        return self.run_dir / "hostfile"
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir)
 
     @property
-    def spec_file(self) -> Path:
-        return self.run_dir / "spec.yaml"
+    def hostfile(self) -> Path:
+        return self.paths.hostfile
 
     def worker_args(self) -> list[str]:
         """What follows `python -m ds_simclr.cli` on every rank."""
-        return ["train", str(self.spec_file), "--run-dir", str(self.run_dir)]
+        return ["train", str(self.paths.spec), "--run-dir", str(self.run_dir)]
 
 
 class Launcher:
