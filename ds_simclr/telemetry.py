@@ -96,6 +96,9 @@ class WandbRun:
             self._run = None
 
 
+BAR_WIDTH = 24
+
+
 class Progress:
     """Rank 0's progress: a live line in a terminal, plain log lines in batch jobs."""
 
@@ -114,8 +117,10 @@ class Progress:
             f" {row.get('pairs_per_s', 0):.1f} pairs/s eta {_duration(eta)}"
         )
         if self.tty:
+            filled = round(BAR_WIDTH * row["step"] / max(self.total, 1))
+            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
             end = "\n" if row["step"] >= self.total else ""
-            print(f"\r{text}\033[K", end=end, file=sys.stderr, flush=True)
+            print(f"\r[{bar}] {100 * row['step'] // max(self.total, 1):3d}% {text}\033[K", end=end, file=sys.stderr, flush=True)
         else:
             print(text, file=sys.stderr, flush=True)
 
