@@ -112,7 +112,7 @@ def test_reader_errors_reach_the_training_loop(store: Path, tmp_path: Path) -> N
     shutil.copytree(store, broken)
     for npy in (broken / "images").glob("*.npy"):
         npy.write_bytes(b"not an array")
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="failed: ValueError"):
         _batches(broken, 1, micro=2, world=1, rank=0)
 
 
@@ -127,3 +127,18 @@ def test_close_mid_stream_and_restart(store: Path) -> None:
     again = next(iter(loader.iterate(0)))
     loader.close()
     torch.testing.assert_close(first.view1, again.view1, atol=0, rtol=0)
+
+
+def test_a_failing_read_names_step_slots_and_volumes(tmp_path: Path) -> None:
+    """A volume that vanished from the store: the error says which step, slots and volumes."""
+    store = real_store(tmp_path / "store")
+    data = DataSpec(store=store, patch_size=24, num_workers=1)
+    loader = PairLoader(
+        store, data, ViewsSpec(output_size=16, crop_min=12), seed=0, global_batch=2, micro_batch=2, grad_accum=1,
+        steps_per_epoch=2, rank=0, world_size=1, device=torch.device("cpu"),
+    )
+    for volume in (store / "images").glob("*.npy"):
+        volume.unlink()
+    with pytest.raises(RuntimeError, match=r"making views for step 0 micro 0 \(epoch 0, slots \[0, 1\], volumes \["):
+        next(loader.iterate(0))
+    loader.close()

@@ -95,6 +95,17 @@ class PairLoader:
         return step, micro, epoch, slots, jobs
 
     def _assemble(self, step: int, micro: int, epoch: int, slots: list[int], jobs: list) -> PairBatch:
+        try:
+            return self._make_pair(step, micro, epoch, slots, jobs)
+        except Exception as exc:  # name what was being made (MONAI's apply_transform habit)
+            ids = [self.store.entries[self.stream.index(epoch, s)].id for s in slots]
+            raise RuntimeError(
+                f"making views for step {step} micro {micro} (epoch {epoch}, slots {slots}, volumes {ids},"
+                f" patch {self.data.patch_size}^3 -> {self.recipe.output_size}^3 on {self.view_device}) failed:"
+                f" {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _make_pair(self, step: int, micro: int, epoch: int, slots: list[int], jobs: list) -> PairBatch:
         arrays = [j.result() if isinstance(j, Future) else j for j in jobs]
         patches = torch.from_numpy(np.stack(arrays)[:, None])  # float16: half the bytes to the device
         if self.view_device.type == "cuda":
