@@ -198,6 +198,18 @@ def bench_views(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Default: RUN_DIR/export/nnssl_<tag>.pth")] = None,
+    tag: Annotated[Optional[str], typer.Option("--tag", help="Checkpoint tag (default: latest).")] = None,
+) -> None:
+    """Write an nnSSL adaptation checkpoint (network_weights + nnssl_adaptation_plan) for fine-tuning."""
+    from ds_simclr.export import export_checkpoint
+
+    typer.echo(f"wrote {export_checkpoint(run_dir, output, tag)}")
+
+
+@app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """PNGs of loss and learning rate (planned and realised) and of one sample's two views."""
     from ds_simclr.plots import plot_run
