@@ -29,7 +29,7 @@ import torch
 from ds_simclr import dist
 from ds_simclr.dsconfig import BatchPlan, deepspeed_config, plan_batch
 from ds_simclr.environment import software
-from ds_simclr.errors import TrainingError
+from ds_simclr.errors import DataError, TrainingError, UserError
 from ds_simclr.loss import contrastive_metrics, nt_xent
 from ds_simclr.rundir import RunPaths, check_resumable, checkpoint_tags, write_atomic, write_run_files
 from ds_simclr.runtime import Placement, init_distributed
@@ -157,12 +157,16 @@ class Trainer:
         self.rank_zero = self.place.rank == 0
 
         check_resumable(self.paths, spec)  # every rank checks, so every rank fails alike
+        failure: UserError | None = None
         if self.rank_zero:
-            write_run_files(self.paths, spec, self.ds_config)
-            store = resolve_store(spec.data)  # builds the demo / preprocesses a manifest once
-        torch.distributed.barrier()
-        if not self.rank_zero:
-            store = resolve_store(spec.data)
+            try:
+                write_run_files(self.paths, spec, self.ds_config)
+                resolve_store(spec.data)  # builds the demo / preprocesses a manifest once
+            except UserError as exc:
+                failure = exc
+        if not dist.all_ranks_true(failure is None):  # also the barrier: the others wait for the data
+            raise failure or DataError("rank 0 could not prepare the run directory or the data (its error says why)")
+        store = resolve_store(spec.data)
         environment = _environment(self.place)
         if self.rank_zero:  # keep what `launch` recorded (launcher, command, SLURM job), add the ranks' view
             path = self.paths.environment

@@ -236,3 +236,18 @@ def test_nonfinite_micro_batch_with_accumulation_skips_the_whole_step(demo_cache
     rows = _metrics(tmp_path / "t")
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert [r["lr"] for r in rows] == pytest.approx(planned_lrs(spec_from_mapping(mapping)))
+
+
+def test_data_that_fails_on_rank_0_ends_every_rank_at_once(demo_cache: Path, tmp_path: Path) -> None:
+    """A broken manifest is found while rank 0 prepares the data; rank 1 must not wait for a time-out."""
+    import time
+
+    manifest = tmp_path / "pretrain_data.json"
+    manifest.write_text("{not json")
+    mapping = tiny_spec_mapping(demo_cache, tmp_path, max_steps=2)
+    mapping["data"] = {"manifest": str(manifest), "store": str(tmp_path / "store"), "patch_size": 40}
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as info:
+        run_ranks(_trainer_worker, 2, mapping, None)
+    assert "pretrain_data.json" in str(info.value) and "rank 0 could not prepare" in str(info.value)
+    assert time.monotonic() - started < 60
