@@ -7,7 +7,6 @@ import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
-
 from helpers import free_port
 
 

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import real_volume
-from monai.transforms import AdjustContrast, Flip, Resize, Rotate, ShiftIntensity, SpatialCrop
+from helpers import REPO
+from monai.transforms import (
+    AdjustContrast,
+    Flip,
+    Resize,
+    Rotate,
+    ShiftIntensity,
+    SpatialCrop,
+)
 
 from ds_simclr.data.augment import cpu_spatial, fused_spatial, intensity, make_views
 from ds_simclr.data.options import ViewsSpec
@@ -161,4 +169,4 @@ def test_device_modules_import_only_torch() -> None:
         "bad = [m for m in ('pydantic', 'monai', 'SimpleITK', 'nibabel', 'blosc2') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(REPO))

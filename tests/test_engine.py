@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from helpers import tiny_spec_mapping
 from multiproc import run_ranks
 

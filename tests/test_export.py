@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_spec_mapping
 from multiproc import run_ranks
+
 from ds_simclr.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CONFIGS, REPO
 
 from ds_simclr.cli import main
 from ds_simclr.errors import BatchArithmeticError, LaunchError
-from ds_simclr.hostlist import HostSlots, expand_nodelist, format_hostfile, read_hostfile
+from ds_simclr.hostlist import (
+    HostSlots,
+    expand_nodelist,
+    format_hostfile,
+    read_hostfile,
+)
 from ds_simclr.launch import (
     DeepSpeedLauncher,
     MpirunLauncher,
@@ -25,9 +31,8 @@ from ds_simclr.launch import (
     remote_signal_cmd,
 )
 from ds_simclr.spec import load_spec
-REPO = Path(__file__).resolve().parents[1]
 
-QUICKSTART = REPO / "ds_configs" / "quickstart.yaml"
+QUICKSTART = CONFIGS / "quickstart.yaml"
 SLURM_VARS = ("SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_JOB_ID",
               "SLURM_CPUS_ON_NODE", "SLURM_NTASKS_PER_NODE", "CUDA_VISIBLE_DEVICES")
 

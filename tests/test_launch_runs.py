@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import CONFIGS, REPO
 
 from ds_simclr.launch import EXIT_STOPPED, rank_pids
 from ds_simclr.spec import load_spec
 
-REPO = Path(__file__).resolve().parents[1]
-
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-QUICKSTART = REPO / "ds_configs" / "quickstart.yaml"
+QUICKSTART = CONFIGS / "quickstart.yaml"
 
 
 def launch_cmd(out: Path, cache: Path, launcher: str, *overrides: str) -> list[str]:

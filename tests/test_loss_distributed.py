@@ -7,7 +7,6 @@ a detached gather (the baseline's mistake) to show the check fails when the gath
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from torch import nn
 
 import ds_simclr.loss as loss_module
 from ds_simclr import dist as ds_dist
+from ds_simclr.hostlist import free_port
 from ds_simclr.loss import contrastive_metrics, nt_xent
 
 pytestmark = pytest.mark.distributed
@@ -92,16 +92,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import CONFIGS, REPO
+
 from ds_simclr.cli import main
 from ds_simclr.schedule import planned_lrs
 from ds_simclr.spec import load_spec

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import CONFIGS
+
 from ds_simclr.cli import main
 from ds_simclr.errors import SpecError
 from ds_simclr.spec import RunSpec, load_spec

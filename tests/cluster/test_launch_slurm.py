@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 VENV = Path(sys.executable).parent.parent
