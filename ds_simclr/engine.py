@@ -241,12 +241,12 @@ class Trainer:
             times["time_optimizer_s"] += time.perf_counter() - t1
             losses.append(float(loss.detach()))
             z_last = (z1.detach(), z2.detach())
+        if finite and not engine.was_step_applied():
+            finite = False  # the loss was finite, the gradients were not: DeepSpeed refused the update
         if not finite:
             self._skip_step()
-        elif self.batch.grad_accum > 1 and not engine.was_step_applied():
-            finite = False  # DeepSpeed's own overflow check refused the update
         row: dict[str, Any] = {
-            "loss": float(np.mean(losses)) if finite else float("nan"),
+            "loss": float(np.mean(losses)) if losses else float("nan"),
             "lr": lr,
             "skipped": not finite,
             **times,
