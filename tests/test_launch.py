@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,32 @@ def test_rank_pids_finds_descendants(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_rank_pids_leaves_out_what_a_rank_forks(tmp_path: Path) -> None:
+    """A forked child keeps its rank's command line; it must not be taken for (or signalled as) a rank."""
+    run = str(tmp_path / "run")
+    entry = tmp_path / "ds_simclr" / "launch" / "rank_entry.py"
+    entry.parent.mkdir(parents=True)
+    entry.write_text("import os, time\nif os.fork() == 0:\n    time.sleep(30)\nelse:\n    time.sleep(30)\n")
+    rank = subprocess.Popen([sys.executable, str(entry), "train", "s", "--run-dir", run], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len([p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).endswith(run)]) < 2:
+            assert time.monotonic() < deadline, "the rank did not fork"
+            time.sleep(0.05)
+        assert rank_pids(Path(run)) == [rank.pid]
+        assert rank_pids(Path(run), rank.pid) == [rank.pid]
+    finally:
+        os.killpg(rank.pid, signal.SIGKILL)
+        rank.wait()
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 # ------------------------------------------------------------------ the command

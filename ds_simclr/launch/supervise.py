@@ -60,11 +60,16 @@ def _proc_table() -> dict[int, tuple[int, list[str]]]:
 
 
 def rank_pids(run_dir: Path, ancestor: int | None = None) -> list[int]:
-    """Rank processes of this run on this host (under `ancestor` when given)."""
+    """Rank processes of this run on this host (under `ancestor` when given).
+
+    A process a rank forks keeps the rank's command line (until it execs, if ever); it is not a rank
+    itself, so a process whose parent matches is left out.
+    """
     table = _proc_table()
+    matching = {pid for pid, (_, argv) in table.items() if is_rank_cmdline(argv, str(run_dir))}
     found = []
-    for pid, (_, argv) in table.items():
-        if not is_rank_cmdline(argv, str(run_dir)):
+    for pid in matching:
+        if table[pid][0] in matching:
             continue
         if ancestor is not None:
             parent, seen = pid, 0
