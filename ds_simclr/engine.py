@@ -29,7 +29,7 @@ import torch
 from ds_simclr import dist
 from ds_simclr.dsconfig import BatchPlan, deepspeed_config, plan_batch
 from ds_simclr.environment import software
-from ds_simclr.errors import DataError, TrainingError, UserError
+from ds_simclr.errors import TrainingError, UserError
 from ds_simclr.loss import contrastive_metrics, nt_xent
 from ds_simclr.rundir import RunPaths, check_resumable, checkpoint_tags, write_atomic, write_run_files
 from ds_simclr.runtime import Placement, init_distributed
@@ -150,6 +150,7 @@ class Trainer:
         from ds_simclr.model import build_model
 
         self.spec = spec
+        store = resolve_store(spec.data)  # complete before any rank starts (`launch`); never built here
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
         self.batch: BatchPlan = plan_batch(spec, self.place.world_size)
         self.ds_config = deepspeed_config(spec, self.place.world_size)
@@ -161,12 +162,10 @@ class Trainer:
         if self.rank_zero:
             try:
                 write_run_files(self.paths, spec, self.ds_config)
-                resolve_store(spec.data)  # builds the demo / preprocesses a manifest once
             except UserError as exc:
                 failure = exc
-        if not dist.all_ranks_true(failure is None):  # also the barrier: the others wait for the data
-            raise failure or DataError("rank 0 could not prepare the run directory or the data (its error says why)")
-        store = resolve_store(spec.data)
+        if not dist.all_ranks_true(failure is None):
+            raise failure or UserError("rank 0 could not prepare the run directory (its error says why)")
         environment = _environment(self.place)
         if self.rank_zero:  # keep what `launch` recorded (launcher, command, SLURM job), add the ranks' view
             path = self.paths.environment

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -70,11 +70,22 @@ class RunPaths:
         return tag if (self.checkpoints / tag).is_dir() else None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
+def write_atomic(path: Path, data: str | bytes | Iterable[str]) -> None:
+    """Write via a temporary file and rename, so readers never see half a file.
+
+    `data`: text, bytes, or text chunks (written as they come, so a large file need not be in memory).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            with tmp.open("w") as out:
+                out.writelines([data] if isinstance(data, str) else data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

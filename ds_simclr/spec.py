@@ -33,6 +33,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "output_dir",
         "data.num_workers",
         "data.prefetch",
+        "data.max_open_files",
         "data.cache_dir",
         "views.device",
         "distributed",

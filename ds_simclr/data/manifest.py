@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import ValidationError
@@ -174,10 +175,15 @@ def load_manifest(path: Path, *, modalities: list[str] | None = None, check_file
                             field=field,
                         )
                     )
-    uids = [im.uid for im in images]
-    if len(set(uids)) != len(uids):
-        dup = next(u for u in uids if uids.count(u) > 1)
-        raise DataError(f"two images share the id {dup}", where=str(path), hint="give images distinct names per session")
+    first: dict[str, ManifestImage] = {}
+    for im in images:
+        other = first.setdefault(im.uid, im)
+        if other is not im:
+            raise DataError(
+                f"two images share the id {im.uid} (also {other.field})",
+                where=f"{path}: {im.field}",
+                hint="give images distinct names per session",
+            )
     if check_files:
         missing = [(im, p) for im in images for p in (im.path, im.anatomy_mask) if p is not None and not p.is_file()]
         if missing:
@@ -187,12 +193,46 @@ def load_manifest(path: Path, *, modalities: list[str] | None = None, check_file
     return images
 
 
-def collection_dict(name: str, images: list[tuple[str, str, str, str, str, str]]) -> dict[str, Any]:
-    """Build a pretrain_data.json dict from (dataset, subject, session, name, path, modality) rows."""
-    datasets: dict[str, Any] = {}
-    for ds, subj, sess, img_name, img_path, modality in images:
-        d = datasets.setdefault(ds, {"dataset_index": ds, "name": ds, "dataset_info": None, "subjects": {}})
-        s = d["subjects"].setdefault(subj, {"subject_id": subj, "subject_info": None, "sessions": {}})
-        e = s["sessions"].setdefault(sess, {"session_id": sess, "session_info": None, "images": []})
-        e["images"].append({"name": img_name, "image_path": img_path, "modality": modality, "image_info": None, "associated_masks": None})
-    return {"collection_index": 1, "collection_name": name, "datasets": datasets}
+Row = tuple[str, str, str, str, str, str]
+"""(dataset, subject, session, image name, image path, modality) of one image."""
+
+_OPEN = (
+    lambda key: f'{key}: {{"dataset_index": {key}, "name": {key}, "dataset_info": null, "subjects": {{',
+    lambda key: f'{key}: {{"subject_id": {key}, "subject_info": null, "sessions": {{',
+    lambda key: f'{key}: {{"session_id": {key}, "session_info": null, "images": [',
+)
+_CLOSE = ("}}", "}}", "]}")
+
+
+def collection_json(name: str, rows: Iterable[Row]) -> Iterator[str]:
+    """The text of a pretrain_data.json, in chunks, without building the document in memory.
+
+    `rows` must come grouped by dataset, then subject, then session (as `load_manifest` lists images);
+    a group that comes back after another raises ValueError (it would repeat a JSON key).
+    """
+    yield f'{{"collection_index": 1, "collection_name": {json.dumps(name)}, "datasets": {{'
+    prev: list[str] = []
+    closed: set[tuple[str, ...]] = set()
+    for ds, subj, sess, img_name, img_path, modality in rows:
+        key = [ds, subj, sess]
+        same = 0
+        while same < len(prev) and key[same] == prev[same]:
+            same += 1
+        for level in reversed(range(same, len(prev))):
+            closed.add(tuple(prev[: level + 1]))
+            yield _CLOSE[level]
+        if same == 3:
+            yield ", "
+        for level in range(same, 3):
+            if tuple(key[: level + 1]) in closed:
+                raise ValueError(f"rows of {'/'.join(key[: level + 1])} are not contiguous")
+            yield (", " if prev and level == same else "") + _OPEN[level](json.dumps(key[level]))
+        image = {"name": img_name, "image_path": img_path, "modality": modality, "image_info": None, "associated_masks": None}
+        yield json.dumps(image)
+        prev = key
+    yield "".join(_CLOSE[level] for level in reversed(range(len(prev)))) + "}}\n"
+
+
+def collection_dict(name: str, rows: Iterable[Row]) -> dict[str, Any]:
+    """A pretrain_data.json as a dict (small collections; large ones: write `collection_json`)."""
+    return json.loads("".join(collection_json(name, rows)))

@@ -36,6 +36,7 @@ from ds_simclr.launch.prepare import prepare_run_dir
 from ds_simclr.launch.supervise import (
     EXIT_STOPPED,
     is_rank_cmdline,
+    log,
     rank_pids,
     remote_signal_cmd,
     run_plan,
@@ -57,6 +58,7 @@ __all__ = [
     "is_rank_cmdline",
     "launch",
     "make_plan",
+    "prepare_data",
     "prepare_run_dir",
     "rank_pids",
     "remote_signal_cmd",
@@ -73,7 +75,7 @@ def launch(
     dry_run: bool = False,
     echo=print,
 ) -> int:
-    """`ds_simclr launch`: check data, plan, and either print the plan or run it."""
+    """`ds_simclr launch`: check data, plan, make the data ready, and either print the plan or run it."""
     from ds_simclr.data.source import check_data_paths
 
     try:
@@ -85,4 +87,28 @@ def launch(
     if dry_run:
         echo(describe(chosen, plan))
         return 0
+    prepare_data(spec, plan.cluster)
     return run_plan(chosen, plan)
+
+
+def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> None:
+    """Make the store complete before any rank starts (the collective time-out then bounds only
+    collectives), and say when the dataset is smaller than the global batch."""
+    from ds_simclr.data.sampling import repeated_pairs
+    from ds_simclr.data.source import cores, prepare_store
+    from ds_simclr.data.store import PatchStore
+
+    try:
+        store = prepare_store(spec.data, jobs=cores(), nodes=cluster.nodes, echo=echo)
+        volumes = len(PatchStore(store, spec.data.modalities))
+    except DataError as exc:
+        if exc.where and exc.where.startswith("data."):
+            exc.where = spec.where(exc.where)
+        raise
+    batch = spec.train.global_batch
+    repeats = repeated_pairs(volumes, batch)
+    if repeats:
+        echo(
+            f"the store has {volumes} volumes, fewer than the global batch of {batch} pairs: {repeats} pairs"
+            " of every step repeat a volume (false negatives for NT-Xent); more volumes or a smaller batch avoid it"
+        )
