@@ -150,7 +150,7 @@ class Trainer:
         from ds_simclr.model import build_model
 
         self.spec = spec
-        store = resolve_store(spec.data)  # complete before any rank starts (`launch`); never built here
+        store = resolve_store(spec.data, spec.where("data"))  # made complete by `launch`; never built here
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
         self.batch: BatchPlan = plan_batch(spec, self.place.world_size)
         self.ds_config = deepspeed_config(spec, self.place.world_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def test_patch_is_a_slice_of_the_volume(store: Path) -> None:
     ps = PatchStore(store)
     patch = ps.read_patch(0, (3, 4, 5), 16)
     with ps.volume(0) as vol:
-        assert isinstance(vol, np.memmap)
+        assert isinstance(vol.base, mmap.mmap)
         assert patch.dtype == np.float16 and patch.shape == (16, 16, 16)
         np.testing.assert_array_equal(patch, vol[3:19, 4:20, 5:21])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from ds_simclr.data.manifest import collection_json
 from ds_simclr.data.store import FORMAT, build_once
 from ds_simclr.errors import DataError
 from ds_simclr.rundir import write_atomic
+
+if TYPE_CHECKING:
+    from ds_simclr.data.preprocess import Report
 
 MANIFEST_NAME = "pretrain_data.json"
 _DEBIAN = {
@@ -87,15 +91,17 @@ def demo_store_path(cache_dir: Path) -> Path:
     return Path(cache_dir).expanduser() / "demo" / f"store-v{FORMAT}"
 
 
-def ensure_demo_store(cache_dir: Path, *, jobs: int | None = None, progress: bool = False) -> Path:
-    """The demo store under `cache_dir`, built and preprocessed on first use (once, even when raced)."""
+def build_demo_store(cache_dir: Path, *, jobs: int | None = None, progress: bool = False) -> Report:
+    """Write the demo collection and preprocess it into `demo_store_path(cache_dir)` (unconditionally)."""
     from ds_simclr.data.preprocess import preprocess
 
     store = demo_store_path(cache_dir)
+    manifest = build_demo(store.parent / "raw")
+    return preprocess(manifest, store, jobs=jobs or min(4, os.cpu_count() or 1), progress=progress)
 
-    def build() -> object:
-        manifest = build_demo(store.parent / "raw")
-        return preprocess(manifest, store, jobs=jobs or min(4, os.cpu_count() or 1), progress=progress)
 
-    build_once(store, build)
+def ensure_demo_store(cache_dir: Path, *, jobs: int | None = None) -> Path:
+    """The demo store under `cache_dir`, built and preprocessed on first use (once, even when raced)."""
+    store = demo_store_path(cache_dir)
+    build_once(store, lambda: build_demo_store(cache_dir, jobs=jobs))
     return store

@@ -120,8 +120,7 @@ def resolve_path(raw: str, base: Path, where: str) -> Path:
         if value is None:
             raise DataError(f"path variable {head} is not set", where=where, hint=f"export {head[1:]}=/path/to/data")
         raw = str(Path(value) / rest)
-    path = Path(raw).expanduser()
-    return path if path.is_absolute() else base / path
+    return Path(os.path.join(base, os.path.expanduser(raw)))  # one Path per image: pathlib is slow at 100k
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:
@@ -133,14 +132,12 @@ def load_collection(path: Path) -> Collection:
     path = Path(path)
     if not path.is_file():
         raise DataError("manifest not found", where=str(path), hint="give the path of a pretrain_data.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", where=str(path)) from exc
-    try:
-        return Collection.model_validate(raw)
+    try:  # parsed and validated in one pass (no intermediate dicts: half the memory at 100k images)
+        return Collection.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            raise DataError(f"not valid JSON: {err['ctx']['error']}", where=str(path)) from exc
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise DataError(
             f"{err['msg']}{more}", where=f"{path}: {_dotted(err['loc'])}", hint="see nnSSL's pretrain_data.json schema"

@@ -52,11 +52,12 @@ class DataSpec(StrictModel):
     prefetch: int = Field(default=2, ge=1, le=64)
     """Micro-batches made ahead of the training step. Each costs 2 x micro_batch views of memory."""
 
-    max_open_files: int = Field(default=64, ge=1, le=65536)
-    """Volumes a rank keeps open (one file descriptor and one memory map each) at once, whatever the
-    store size; the least recently used idle one is closed to open another. Keeps a rank within
-    `ulimit -n` and `vm.max_map_count` on 100k-volume stores; more saves re-opening (cheap on a local
-    disk, a metadata request on Lustre/GPFS)."""
+    max_open_files: int = Field(default=64, ge=2, le=65536)
+    """File descriptors (and memory maps) a rank's patch reading holds at most, whatever the store
+    size: open volumes hold one each (opening one holds a second for a moment), and the least
+    recently used idle volume is closed to open another. Keeps a rank within `ulimit -n` and
+    `vm.max_map_count` on 100k-volume stores; more saves re-opening (cheap on a local disk, a
+    metadata request on Lustre/GPFS)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:

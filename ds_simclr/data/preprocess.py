@@ -65,6 +65,8 @@ class Report:
     processed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    """Wall time of the run, index included."""
 
     @property
     def store_size(self) -> int:
@@ -72,7 +74,8 @@ class Report:
 
     def summary(self) -> str:
         """The one line `data preprocess` and `launch` print."""
-        return f"{len(self.processed)} preprocessed, {len(self.reused)} reused, {len(self.skipped)} skipped -> {self.out_dir}"
+        counts = f"{len(self.processed)} preprocessed, {len(self.reused)} reused, {len(self.skipped)} skipped"
+        return f"{counts} in {self.seconds:.1f} s -> {self.out_dir}"
 
     def skipped_lines(self) -> list[str]:
         return [f"  skipped {s['path']}: {s['reason']}" for s in self.skipped]
@@ -252,6 +255,7 @@ def preprocess(
     Writes `plan.json`, `images/<bb>/<id>.npy` + sidecars, then `build_index`'s files. `jobs`
     processes work in parallel; finished images are reused unless `overwrite`.
     """
+    started = time.monotonic()
     if jobs < 1:
         raise DataError(f"jobs must be >= 1, got {jobs}", where="--jobs")
     items = load_manifest(Path(manifest_path))
@@ -269,7 +273,9 @@ def preprocess(
             if reason is None:
                 processed.add(uid)
             bar.advance()
-    return build_index(out_dir, items, processed=processed, manifest_path=Path(manifest_path))
+    report = build_index(out_dir, items, processed=processed, manifest_path=Path(manifest_path))
+    report.seconds = time.monotonic() - started
+    return report
 
 
 def _run(todo: list[ManifestImage], plan: Plan, out_dir: Path, jobs: int) -> Iterator[tuple[str, str | None]]:

@@ -58,12 +58,13 @@ def preprocess_command(data: DataSpec, jobs: str = "N") -> str:
     return f"ds_simclr data preprocess {data.manifest} {store_path(data)} -j {jobs}"
 
 
-def resolve_store(data: DataSpec) -> Path:
+def resolve_store(data: DataSpec, where: str = "data") -> Path:
     """The complete store to train from; never builds one (see `prepare_store`).
 
-    Raises a one-line DataError naming the command to run when the store is not complete.
+    Raises a one-line DataError naming the command to run when the store is not complete (`where`:
+    how errors name the data section, e.g. `spec.yaml: data`).
     """
-    check_data_paths(data)
+    check_data_paths(data, where)
     store = store_path(data)
     try:
         read_head(store)
@@ -89,24 +90,26 @@ def prepare_store(data: DataSpec, *, jobs: int, nodes: int, echo: Callable[[str]
     store = store_path(data)
     if store_ready(store):
         return store
-    if data.demo:
-        from ds_simclr.data.demo import ensure_demo_store
-
-        echo(f"building the demo store in {store} ({jobs} processes)")
-        return ensure_demo_store(Path(data.cache_dir), jobs=jobs, progress=True)
-    if data.manifest is None:
-        read_head(store)  # raises the reason
-    if nodes > 1:
-        raise DataError(
-            f"the store {store} is not preprocessed yet and this job has {nodes} nodes",
-            where="data.manifest",
-            hint=f"run `{preprocess_command(data)}` first (one node is enough), then launch",
-        )
-    from ds_simclr.data.preprocess import preprocess
     from ds_simclr.data.store import build_once
 
-    echo(f"preprocessing {data.manifest} into {store} ({jobs} processes)")
-    report = build_once(store, lambda: preprocess(Path(data.manifest), store, jobs=jobs, progress=True))
+    if data.demo:
+        from ds_simclr.data.demo import build_demo_store
+
+        echo(f"building the demo store in {store} ({jobs} processes)")
+        report = build_once(store, lambda: build_demo_store(Path(data.cache_dir), jobs=jobs, progress=True))
+    else:
+        if data.manifest is None:
+            read_head(store)  # raises the reason
+        if nodes > 1:
+            raise DataError(
+                f"the store {store} is not preprocessed yet and this job has {nodes} nodes",
+                where="data.manifest",
+                hint=f"run `{preprocess_command(data)}` first (one node is enough), then launch",
+            )
+        from ds_simclr.data.preprocess import preprocess
+
+        echo(f"preprocessing {data.manifest} into {store} ({jobs} processes)")
+        report = build_once(store, lambda: preprocess(Path(data.manifest), store, jobs=jobs, progress=True))
     if report is not None:
         echo(report.summary())
         for line in report.skipped_lines():

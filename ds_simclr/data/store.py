@@ -11,9 +11,10 @@ A store folder:
     plan.json, fingerprint.json, report.json, pretrain_data.json (written by preprocessing)
 
 Random patches are sliced from memory maps, so a 160^3 patch touches only its own pages (see
-`benchmarks/store.py` for the comparison with blosc2 `.b2nd`). A `PatchStore` keeps at most
-`max_open` volumes mapped at once (one map and one file descriptor each), shared by the reader
-threads: an LRU in which a map a thread is slicing is never dropped. Patches that reach past the
+`benchmarks/store.py` for the comparison with blosc2 `.b2nd`). A `PatchStore` holds at most
+`max_open` file descriptors and memory maps at once, shared by the reader threads: an LRU of mapped
+volumes (one map and one descriptor each; opening one holds a second descriptor for a moment, which
+counts) in which a map a thread is slicing is never dropped. Patches that reach past the
 volume are padded with the volume's background value. Format 1 (every entry in store.json, one flat
 `images/` folder) is refused with the command that rebuilds the store.
 """
@@ -24,6 +25,8 @@ import fcntl
 import hashlib
 import io
 import json
+import mmap
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -173,14 +176,37 @@ def build_once(store_dir: Path, build: Callable[[], T]) -> T | None:
         return None if store_ready(store_dir) else build()
 
 
-class OpenVolumes:
-    """At most `capacity` volumes open at once, shared by threads; the least recently used idle one goes.
+def map_npy(path: Path) -> np.ndarray:
+    """A read-only memory map of an `.npy` file that holds one file descriptor (two while opening).
 
-    `use(key)` lends a volume for the duration of a `with` block: a lent volume is never dropped, and
-    when all `capacity` volumes are lent the caller waits for one to come back. A dropped memory map is
-    unmapped (and its file descriptor closed) by numpy when its last reference goes, which is at once:
-    the pool holds the only reference outside a `with` block. Opening runs outside the lock; threads
-    asking for a volume being opened wait for that one opening.
+    (`np.load(mmap_mode="r")` holds up to three while opening.) Python's mmap keeps a duplicate of
+    the descriptor until the map is unmapped, which happens when the last array using it goes.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with open(fd, "rb", closefd=False) as header:
+            version = np.lib.format.read_magic(header)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(header)
+            offset = header.tell()
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset, order="F" if fortran else "C")
+
+
+class OpenVolumes:
+    """At most `capacity` file descriptors (and maps) held by open volumes, shared by threads.
+
+    An open volume holds one descriptor; one being opened holds a second for a moment, and admission
+    counts it, so the bound holds at every instant (at most `capacity` - 1 volumes stay open). `use(key)`
+    lends a volume for a `with` block: a lent volume is never dropped; the least recently used idle one
+    is dropped to make room, and when none is idle the caller waits for one to come back. A dropped map
+    is unmapped (its descriptor closed) when its last reference goes, which is at once: the pool holds
+    the only reference outside a `with` block. Opening runs outside the lock, several at a time;
+    threads asking for a volume being opened wait for that one opening.
     """
 
     class _Slot:
@@ -191,12 +217,13 @@ class OpenVolumes:
             self.ready = threading.Event()
 
     def __init__(self, capacity: int, opener: Callable[[int], np.ndarray]) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if capacity < 2:
+            raise ValueError(f"capacity must be >= 2 (one open volume + one being opened), got {capacity}")
         self.capacity = capacity
         self._open = opener
         self._cond = threading.Condition()
         self._slots: OrderedDict[int, OpenVolumes._Slot] = OrderedDict()
+        self._opening = 0
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -222,20 +249,22 @@ class OpenVolumes:
                     slot.users += 1
                     self._slots.move_to_end(key)
                     return slot
-                if len(self._slots) < self.capacity or self._drop_idle():
+                if len(self._slots) + self._opening + 2 <= self.capacity:  # its descriptor + the moment's second
                     break
-                self._cond.wait()
+                if not self._drop_idle():
+                    self._cond.wait()
             slot = self._slots[key] = OpenVolumes._Slot()
+            self._opening += 1
         try:
             slot.array = self._open(key)
         except BaseException as exc:  # handed to every thread waiting for this volume; a later call retries
             slot.error = exc
-            with self._cond:
-                if self._slots.get(key) is slot:
-                    del self._slots[key]
-                self._cond.notify_all()
-        finally:
-            slot.ready.set()
+        with self._cond:
+            self._opening -= 1
+            if slot.error is not None and self._slots.get(key) is slot:
+                del self._slots[key]
+            self._cond.notify_all()
+        slot.ready.set()
         return slot
 
     def _drop_idle(self) -> bool:
@@ -308,7 +337,7 @@ class PatchStore:
         return len(self._volumes)
 
     def _open_volume(self, index: int) -> np.ndarray:
-        vol = np.load(self.path(index), mmap_mode="r")
+        vol = map_npy(self.path(index))
         if vol.shape != self.shape(index) or vol.dtype != STORE_DTYPE:
             raise DataError(
                 f"volume is {vol.dtype} {list(vol.shape)}, the index says {np.dtype(STORE_DTYPE)} {list(self.shape(index))}",
