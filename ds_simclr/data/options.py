@@ -26,11 +26,14 @@ class DataSpec(StrictModel):
 
     demo: bool = False
     """Use the embedded demo collection (real MRI volumes shipped by pip packages), built and
-    preprocessed once into `cache_dir` on first use. Exclusive with `manifest`/`store`."""
+    preprocessed once into `cache_dir` by the first `launch` (again after a store format change).
+    Exclusive with `manifest`/`store`."""
 
     manifest: Path | None = None
     """nnSSL `pretrain_data.json` to preprocess (into `store`, or into `cache_dir` when `store` is
-    not given). Preprocessing runs once; later runs reuse the finished images."""
+    not given). `launch` preprocesses it with every core before the ranks start (a killed run
+    resumes from the finished images); on several nodes it refuses and names the `ds_simclr data
+    preprocess` command to run first. Once complete, the store is used as it is."""
 
     store: Path | None = None
     """Preprocessed store folder (output of `ds_simclr data preprocess`). Alone: train from it."""

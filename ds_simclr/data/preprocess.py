@@ -220,7 +220,11 @@ def _check_format(out_dir: Path, overwrite: bool) -> None:
 
 
 def finished_images(out_dir: Path) -> set[str]:
-    """Ids whose sidecar and volume exist (one directory listing per subfolder); removes stale temporaries."""
+    """Ids whose sidecar and volume exist: one directory listing per subfolder, no per-image stat.
+
+    (A killed run may leave a hidden temporary per image in flight; it never counts, and it is not
+    removed here because another process may be writing it.)
+    """
     done: set[str] = set()
     images = out_dir / IMAGES_DIR
     if not images.is_dir():
@@ -228,12 +232,7 @@ def finished_images(out_dir: Path) -> set[str]:
     for folder in os.scandir(images):
         if not folder.is_dir():
             continue
-        names = set()
-        for entry in os.scandir(folder.path):
-            if entry.name.startswith(".") and ".tmp" in entry.name:
-                os.unlink(entry.path)  # left by a killed run
-            else:
-                names.add(entry.name)
+        names = {entry.name for entry in os.scandir(folder.path)}
         for name in names:
             uid = name[: -len(".json")]
             if name.endswith(".json") and not name.endswith(SKIP_SUFFIX) and f"{uid}.npy" in names:

@@ -54,6 +54,7 @@ __all__ = [
     "MpirunLauncher",
     "TorchrunLauncher",
     "describe",
+    "describe_data",
     "discover_cluster",
     "is_rank_cmdline",
     "launch",
@@ -86,9 +87,31 @@ def launch(
     chosen, plan = make_plan(spec, launcher, hostfile)
     if dry_run:
         echo(describe(chosen, plan))
+        echo(describe_data(spec, plan.cluster))
         return 0
+    from ds_simclr.rundir import RunPaths, check_resumable
+
+    check_resumable(RunPaths(plan.run_dir), spec)  # a refused resume must not wait for preprocessing first
     prepare_data(spec, plan.cluster)
     return run_plan(chosen, plan)
+
+
+def describe_data(spec: RunSpec, cluster: Cluster) -> str:
+    """The `--dry-run` line saying whether the store is ready or what `launch` would do first."""
+    from ds_simclr.data.source import cores, preprocess_command, store_path
+    from ds_simclr.data.store import read_head, store_ready
+
+    store = store_path(spec.data)
+    if store_ready(store):
+        return f"data         store {store} (ready, {read_head(store)['images']} volumes)"
+    if spec.data.demo:
+        return f"data         demo store {store}: built first ({cores()} processes)"
+    if cluster.nodes > 1:
+        return (
+            f"data         store {store} is not preprocessed: launch refuses on {cluster.nodes} nodes;"
+            f" run `{preprocess_command(spec.data)}` first"
+        )
+    return f"data         {spec.data.manifest} -> store {store}: preprocessed first ({cores()} processes)"
 
 
 def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> None:
