@@ -7,8 +7,9 @@ volumes as a 100k-volume store makes it do). Random 160^3 patches from random vo
 
 - warm: page cache holds every file. Reference = the reader before this version (every volume
   mapped on first use and kept: +1 descriptor and +1 map per volume, never released), kept here to
-  measure against; ours = `PatchStore` with at most `--max-open` descriptors. Alternating rounds,
-  so a busy machine slows both alike; prints ours / reference.
+  measure against; ours = `PatchStore` with at most `--max-open` descriptors. Each patch is read by
+  both, back to back (first one, then the other), so a busy machine slows both alike; each round
+  draws new patches (as training does: a position per epoch and slot); prints ours / reference.
 - cold: before each read the file is evicted from the page cache (posix_fadvise DONTNEED), so the
   read goes to the disk; bytes read per pair (one patch; both views come from it) are the process's
   `read_bytes` from /proc/self/io. .npy is read through mmap with the kernel's read-ahead (the
@@ -86,19 +87,18 @@ def chunks_touched(shape: tuple[int, ...], chunks: tuple[int, ...], start: tuple
     return n
 
 
-def warm(store: PatchStore, reference: ReferenceReader, jobs: list, patch: int, rounds: int = 4) -> tuple[float, float]:
-    """Reads/s of (reference, ours), timed in alternating rounds over the same reads."""
-    for k, start in jobs[: len(jobs) // rounds]:  # warm-up: maps opened, pages faulted once
-        reference.read_patch(k, start, patch)
-        store.read_patch(k, start, patch)
+def warm(store: PatchStore, reference: ReferenceReader, rounds: list[list], patch: int) -> tuple[float, float]:
+    """Reads/s of (reference, ours): each patch is read by both, one right after the other, the
+    first alternating, so a busy machine slows both alike."""
     spent = [0.0, 0.0]
-    for _ in range(rounds):
-        for i, reader in enumerate((reference, store)):
-            t0 = time.perf_counter()
-            for k, start in jobs:
-                reader.read_patch(k, start, patch)
-            spent[i] += time.perf_counter() - t0
-    return rounds * len(jobs) / spent[0], rounds * len(jobs) / spent[1]
+    for jobs in rounds:
+        for n, (k, start) in enumerate(jobs):
+            for i in (n % 2, 1 - n % 2):
+                t0 = time.perf_counter()
+                (reference, store)[i].read_patch(k, start, patch)
+                spent[i] += time.perf_counter() - t0
+    reads = sum(len(jobs) for jobs in rounds)
+    return reads / spent[0], reads / spent[1]
 
 
 def cold(read: object, paths: list[Path], jobs: list) -> tuple[float, float]:
@@ -139,22 +139,25 @@ def main() -> None:
                 blocks=(args.chunk // 2,) * 3, cparams={"codec": blosc2.Codec.ZSTD, "clevel": 5},
             )
             b2.append(q)
-        jobs = []
-        for r in range(args.reads):
-            k = int(rng.integers(args.files))
-            jobs.append((k, draw_patch_start(vols[k % 3].shape, args.patch, (0, 0, r))))
-        store = PatchStore(root, max_open=args.max_open)
-        reference = ReferenceReader(npy)
-        ref_rate, ours_rate = warm(store, reference, jobs, args.patch)
-        ref_maps = len(reference.maps)
+        rates = {}
+        for files in (3, args.files):  # all stay open; more than our reader keeps open
+            rounds = []
+            for epoch in range(5):  # round 0 warms up: every map opened once, page tables filled
+                ks = rng.integers(files, size=args.reads)
+                rounds.append([(int(k), draw_patch_start(vols[k % 3].shape, args.patch, (0, epoch, r))) for r, k in enumerate(ks)])
+            store = PatchStore(root, max_open=args.max_open)
+            reference = ReferenceReader(npy)
+            warm(store, reference, rounds[:1], args.patch)
+            rates[files] = (*warm(store, reference, rounds[1:], args.patch), len(reference.maps))
+            store.close()
+            reference.maps.clear()
+        jobs = rounds[1]
         arrays = [blosc2.open(str(q), mode="r") for q in b2]
         t0 = time.perf_counter()
         for k, start in jobs:
             cut_patch(arrays[k % 3], start, args.patch, 0.0)
         b2_warm = len(jobs) / (time.perf_counter() - t0)
         assert np.array_equal(store.read_patch(0, jobs[0][1], args.patch), cut_patch(arrays[0], jobs[0][1], args.patch, 0.0))
-        store.close()
-        reference.maps.clear()
 
         cold_jobs = jobs[: args.cold_reads]
 
@@ -177,9 +180,10 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"{args.files} volumes {vols[0].shape} float16 (copies of 3 real ones), {args.patch}^3 patches, {os.cpu_count()} cores")
-    print(f"warm page cache, random volume per read ({len(jobs)} reads x 4 alternating rounds):")
-    print(f"  reference (every volume mapped once, kept: {ref_maps} maps)  {ref_rate:8.1f} reads/s")
-    print(f"  ours (PatchStore, <= {args.max_open} descriptors)        {ours_rate:8.1f} reads/s   ours/reference {ours_rate / ref_rate:.3f}")
+    print(f"warm page cache, random volume and patch per read ({args.reads} reads x 4 rounds, after one warm-up round):")
+    for files, (ref_rate, ours_rate, ref_maps) in rates.items():
+        print(f"  {files} volumes: reference (every volume mapped once, kept: {ref_maps} maps) {ref_rate:7.1f} reads/s,"
+              f" ours (<= {args.max_open} descriptors) {ours_rate:7.1f} reads/s: ours/reference {ours_rate / ref_rate:.3f}")
     print(f"  b2nd (ZSTD, {args.chunk}^3 chunks, opened once)          {b2_warm:8.1f} reads/s")
     print(f"cold (file evicted before each of {len(cold_jobs)} reads): reads/s, MB read from disk per pair")
     print(f"  npy mmap, kernel read-ahead ({ahead})    {npy_cold[0]:8.1f}   {npy_cold[1]:7.2f} MB")

@@ -369,11 +369,12 @@ class PatchStore:
 
 def cut_patch(vol: np.ndarray, start: tuple[int, ...], size: int, pad_value: float) -> np.ndarray:
     """Copy only the overlapping part of `vol` into a padded cube of its dtype (reads no other voxels)."""
-    out = np.full((size, size, size), pad_value, dtype=vol.dtype)
     src, dst = [], []
     for s, d in zip(start, vol.shape):
         lo, hi = max(s, 0), min(s + size, d)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
+    inside = all(d.stop - d.start == size for d in dst)
+    out = np.empty((size,) * 3, dtype=vol.dtype) if inside else np.full((size,) * 3, pad_value, dtype=vol.dtype)
     out[tuple(dst)] = vol[tuple(src)]
     return out
