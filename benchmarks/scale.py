@@ -3,15 +3,16 @@
 For each N: write N tiny synthetic volumes (NIfTI, 12^3 at 2 mm) and their pretrain_data.json, then
 time, each in a fresh process:
 
-- preprocess   `preprocess()` with 2 processes (main process peak RSS; largest worker's peak RSS)
+- preprocess   `preprocess()` with 2 processes (wall and CPU seconds; main process and largest worker peak RSS)
 - rerun        the same call again: every image reused, the index rewritten
 - open         `PatchStore(store)` as a rank opens it (seconds, RSS it adds)
 - first step   `ds_simclr launch` (2 CPU ranks, tiny encoder, 16^3 views) until step 1 is in
                metrics.jsonl: data check, rank start-up, DeepSpeed, store open, first batch, one step
 
-and prints a table of seconds per volume, the ratio of each stage's time per volume at the largest
-N to that at the smallest (goal <= 1.1), and store open + first step at the largest N (goal < 30 s).
-It also opens the index of 114,000 volumes (OpenMind's size; index only, no volume files).
+and prints a table of milliseconds per volume, wall and CPU (user + system of the stage's
+processes, which the other jobs of a busy machine do not inflate), the ratio of each stage's time
+per volume at the largest N to that at the smallest (goal <= 1.1), and launch to first step at the
+largest N (goal < 30 s). It also opens the index of 114,000 volumes (OpenMind's size; index only).
 
     python benchmarks/scale.py                  # N = 1000 10000 50000 (about an hour on 2 busy cores)
     python benchmarks/scale.py --sizes 200 1000 # fewer
@@ -38,6 +39,11 @@ STAGES = ("preprocess", "rerun", "open", "first step")
 
 def _rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
+
+
+def _cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _current_rss_mb() -> float:
@@ -71,20 +77,21 @@ def stage(name: str, root: Path) -> dict:
     if name in ("preprocess", "rerun"):
         from ds_simclr.data.preprocess import preprocess
 
-        before = _current_rss_mb()
+        before, cpu = _current_rss_mb(), _cpu_s()
         t0 = time.perf_counter()
         report = preprocess(manifest, store, jobs=2, progress=False)
         seconds = time.perf_counter() - t0
         assert len(report.processed if name == "preprocess" else report.reused) == report.store_size, report.summary()
-        return {"seconds": seconds, "rss_mb": _rss_mb() - before, "workers_rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}
+        return {"seconds": seconds, "cpu_s": _cpu_s() - cpu + _cpu_s(resource.RUSAGE_CHILDREN),
+                "rss_mb": _rss_mb() - before, "workers_rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}
     if name in ("open", "open 114k"):
         from ds_simclr.data.store import PatchStore
 
-        before = _current_rss_mb()
+        before, cpu = _current_rss_mb(), _cpu_s()
         t0 = time.perf_counter()
         opened = PatchStore(root / "openmind" if name == "open 114k" else store)
         seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "rss_mb": _rss_mb() - before, "volumes": len(opened)}
+        return {"seconds": seconds, "cpu_s": _cpu_s() - cpu, "rss_mb": _rss_mb() - before, "volumes": len(opened)}
     if name == "first step":
         spec = launch_spec(root, store)
         metrics = root / "runs" / "scale" / "metrics.jsonl"
@@ -99,7 +106,7 @@ def stage(name: str, root: Path) -> dict:
         seconds = time.perf_counter() - t0
         if proc.wait() != 0:
             raise RuntimeError((root / "launch.log").read_text()[-3000:])
-        return {"seconds": seconds, "rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}
+        return {"seconds": seconds, "cpu_s": _cpu_s(resource.RUSAGE_CHILDREN), "rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}
     raise ValueError(name)
 
 
@@ -115,9 +122,9 @@ def measure(n: int, base: Path) -> dict:
     from ds_simclr.data.synthetic import write_tiny_collection
 
     root = base / f"n{n}"
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), _cpu_s()
     write_tiny_collection(root / "raw", n)
-    rows = {"generate": {"seconds": time.perf_counter() - t0}}
+    rows = {"generate": {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - cpu}}
     for name in STAGES:
         rows[name] = run_stage(name, root)
         print(f"  N={n} {name}: {rows[name]}", file=sys.stderr, flush=True)
@@ -151,28 +158,32 @@ def main() -> None:
     load = os.getloadavg()
     try:
         results = {n: measure(n, base) for n in args.sizes}
-        big = openmind_index(base)
+        openmind = openmind_index(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     small, large = min(args.sizes), max(args.sizes)
     print(f"{os.cpu_count()} cores, load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}")
-    print("| stage | " + " | ".join(f"N = {n:,}" for n in args.sizes) + f" | per volume {large:,} / {small:,} |")
+    print("| stage | " + " | ".join(f"N = {n:,}" for n in args.sizes) + f" | per volume {large:,} / {small:,}: wall, CPU |")
     print("|---|" + "---|" * len(args.sizes) + "---|")
-    for name in ("generate", *STAGES):
+    for name in ("generate (input)", *STAGES):
         cells = []
         for n in args.sizes:
-            row = results[n][name]
+            row = results[n][name.split(" (")[0]]
             mem = f", {row['rss_mb']:.0f} MB" if "rss_mb" in row else ""
             if "workers_rss_mb" in row:
                 mem += f" (workers {row['workers_rss_mb']:.0f} MB)"
-            cells.append(f"{row['seconds']:.2f} s = {1e3 * row['seconds'] / n:.3f} ms/vol{mem}")
-        ratio = (results[large][name]["seconds"] / large) / (results[small][name]["seconds"] / small)
-        print(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+            cells.append(f"{row['seconds']:.2f} s = {1e3 * row['seconds'] / n:.3f} ms/vol, CPU {1e3 * row['cpu_s'] / n:.3f} ms/vol{mem}")
+        most, few = results[large][name.split(" (")[0]], results[small][name.split(" (")[0]]
+        wall = (most["seconds"] / large) / (few["seconds"] / small)
+        cpu = (most["cpu_s"] / large) / max(few["cpu_s"] / small, 1e-12)
+        print(f"| {name} | " + " | ".join(cells) + f" | {wall:.2f}x, {cpu:.2f}x |")
     first = results[large]["first step"]["seconds"]
     print(f"launch to first step (store open by both ranks included) at N = {large:,}: {first:.1f} s (goal < 30 s)")
-    print(f"store open at {OPENMIND:,} volumes (index only): {big['seconds']:.2f} s, +{big['rss_mb']:.0f} MB (goal < 2 s, < 200 MB)")
+    print(f"store open at {OPENMIND:,} volumes (index only): {openmind['seconds']:.2f} s, +{openmind['rss_mb']:.0f} MB"
+          " (goal < 2 s, < 200 MB)")
     print("memory: preprocess/rerun = peak RSS the call added to the main process (workers: largest worker);"
-          " open = RSS the open added; first step = largest rank or launcher process")
+          " open = RSS the open added; first step = largest rank or launcher process. CPU: user + system seconds of"
+          " the stage's processes (first step: the whole one-step launch), which a busy machine does not inflate")
 
 
 if __name__ == "__main__":
