@@ -22,6 +22,10 @@ from ds_simclr.errors import DataError
 from ds_simclr.specbase import StrictModel
 
 
+MANIFEST_NAME = "pretrain_data.json"
+"""nnSSL's file name for a manifest."""
+
+
 class AssociatedMasks(StrictModel):
     """Optional masks beside an image (paths like `image_path`)."""
 
