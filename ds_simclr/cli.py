@@ -144,7 +144,7 @@ def hostfile(
         write_atomic(Path(output), text)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Demo data and preprocessing.")
+data_app = typer.Typer(no_args_is_help=True, help="Manifests, demo data and preprocessing.")
 bench_app = typer.Typer(no_args_is_help=True, help="Throughput benchmarks on this machine.")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
@@ -156,6 +156,33 @@ def data_demo(out: Annotated[Path, typer.Argument(help="Folder for pretrain_data
     from ds_simclr.data.demo import build_demo
 
     typer.echo(f"demo collection written: {build_demo(out)}")
+
+
+@data_app.command("manifest")
+def data_manifest(
+    roots: Annotated[Optional[list[Path]], typer.Argument(help="BIDS datasets or plain folders, one dataset each.", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Manifest to write (a folder: FOLDER/pretrain_data.json).")] = Path("pretrain_data.json"),
+    suffix: Annotated[Optional[str], typer.Option("--suffix", help="BIDS: suffixes to take, e.g. T1w,T2w (default: anatomical).")] = None,
+    pattern: Annotated[Optional[str], typer.Option("--pattern", help="Folder: glob under each ROOT, e.g. '**/*.nii.gz'.")] = None,
+    regex: Annotated[Optional[str], typer.Option("--regex", help="Folder: regex searched in each relative path; named groups subject (required), session, modality.")] = None,
+    modality: Annotated[Optional[str], typer.Option("--modality", help="Folder/table: modality of every image without one.")] = None,
+    table: Annotated[Optional[Path], typer.Option("--table", help="CSV/TSV, one image a row: columns path, subject, modality; optional session, dataset.")] = None,
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="Table: ROLE=NAME for a column named otherwise (repeatable).")] = None,
+    root_var: Annotated[Optional[str], typer.Option("--root-var", help="Write paths as $NAME/... below that environment variable's folder.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Collection name (default: the manifest folder's name).")] = None,
+) -> None:
+    """Write nnSSL's pretrain_data.json from BIDS datasets, plain folders or a table; skipped files are reported."""
+    from ds_simclr.data.manifest_build import make_manifest
+
+    report = make_manifest(
+        roots or [], output, suffixes=suffix.split(",") if suffix else None, pattern=pattern, regex=regex,
+        modality=modality, table=table, columns=column or [], root_var=root_var, name=name,
+    )
+    for dataset in report.datasets:
+        typer.echo(dataset.summary())
+    for skipped in report.skipped:
+        typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+    typer.echo(f"manifest written: {report.path}")
 
 
 @data_app.command("preprocess")
