@@ -205,6 +205,7 @@ def test_every_assumption_is_recorded_with_the_image(tmp_path: Path, capfd: pyte
 
     cases = {
         "nospacing": (no_spacing, ["voxel size missing (pixdim 0 x 1 x 0 mm) on axis x, z: taken as 1 mm", "no qform or sform"]),
+        "negspacing": (no_spacing, ["header fixed by nibabel: pixdim[1,2,3] should be positive; setting to abs of pixdim values"]),
         "zerocol": (zero_column, ["voxel size missing or zero on axis y", "orientation fixed up"]),
         "sheared": (sheared, ["direction cosines not orthonormal", "orientation fixed up"]),
         "metres": (metres, ["spatial unit 'meter' in the header: converted to mm"]),
@@ -213,10 +214,10 @@ def test_every_assumption_is_recorded_with_the_image(tmp_path: Path, capfd: pyte
     }
     for name, (edit, expected) in cases.items():
         path = _nifti(tmp_path / f"{name}.nii", data, edit)
-        if name == "nospacing":  # nibabel refuses to save a zero pixdim: write it into the file
+        if name in ("nospacing", "negspacing"):  # nibabel refuses to save such a pixdim: write it into the file
             with path.open("r+b") as f:
                 f.seek(76)  # pixdim: 8 float32 from byte 76 of the NIfTI-1 header
-                f.write(np.array([1.0, 0.0, 1.0, 0.0], "<f4").tobytes())
+                f.write(np.array([1.0, 0.0, 1.0, 0.0] if name == "nospacing" else [1.0, 1.0, -2.0, 1.0], "<f4").tobytes())
         rec, _ = _run(path, tmp_path / name)
         text = " | ".join(rec["assumptions"])
         assert all(e in text for e in expected), (name, rec["assumptions"])
@@ -225,6 +226,9 @@ def test_every_assumption_is_recorded_with_the_image(tmp_path: Path, capfd: pyte
             assert rec["fingerprint"]["spacing"] == pytest.approx([2.0, 2.0, 2.0])
         if name == "nospacing":
             assert rec["fingerprint"]["spacing"] == pytest.approx([1.0, 1.0, 1.0])
+            assert not any("should be non-zero" in note for note in rec["assumptions"])  # said once, per axis
+        if name == "negspacing":
+            assert rec["fingerprint"]["spacing"] == pytest.approx([1.0, 2.0, 1.0])
     assert capfd.readouterr().err == ""  # nibabel's header fixes are recorded, not printed
 
 
@@ -286,6 +290,7 @@ def test_a_run_goes_on_past_a_failing_image(tmp_path: Path, monkeypatch: pytest.
     assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped"] == report.skipped
 
 
+@pytest.mark.slow
 def test_a_worker_needs_a_few_times_the_volume_in_memory() -> None:
     """benchmarks/preprocess_memory.py on a 200 x 200 x 150 float32 volume (23 MiB) at 0.9 mm, so the
     B-spline resampling (the peak: input, its float64 spline coefficients, output) runs: peak RSS of

@@ -9,7 +9,8 @@
   (within one coarse voxel of it, a voxel is head when above the threshold).
 
 Every function works on the (z, y, x) float32 array in place or with boolean masks (1 byte per
-voxel); none builds per-voxel index arrays.
+voxel); none builds per-voxel index arrays. SimpleITK is imported only where used (`Plan` imports
+this module for `FOREGROUNDS`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import numpy as np
-import SimpleITK as sitk
 
 Foreground = Literal["nonzero", "otsu"]
 FOREGROUNDS: tuple[str, ...] = get_args(Foreground)
@@ -85,6 +85,8 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     The slices of one axis are labelled in one 3D pass, stacked with empty planes between them that
     cut background connections from one slice to the next.
     """
+    import SimpleITK as sitk
+
     mask = mask.copy()
     for axis in range(3):
         planes = np.moveaxis(mask, axis, 0)
@@ -122,6 +124,8 @@ def otsu_head_mask(array: np.ndarray, spacing: tuple[float, float, float]) -> tu
     The threshold is the lower of two multi-level Otsu thresholds (air | dark tissue | bright
     tissue) of the median-filtered coarse volume, so dark tissue counts as head.
     """
+    import SimpleITK as sitk
+
     zyx_spacing = np.asarray(spacing[::-1], dtype=np.float64)
     factors = tuple(int(min(n, max(1, np.ceil(OTSU_BLOCK_MM / s - 1e-6)))) for n, s in zip(array.shape, zyx_spacing))
     smooth = sitk.Median(sitk.GetImageFromArray(_block_mean(array, factors)), [1, 1, 1])

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ds_simclr.data.foreground import FOREGROUNDS
+from ds_simclr.data.foreground import FOREGROUNDS, Foreground
 from ds_simclr.data.manifest import ManifestImage, collection_dict, load_manifest
 from ds_simclr.data.store import STORE_DTYPE, StoreEntry, write_index
 from ds_simclr.errors import DataError
@@ -41,7 +41,7 @@ class Plan:
     target_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     orientation: str = "RAS"
     normalization: str = "zscore over anatomy_mask, else over non-zero voxels"
-    foreground: str = "nonzero"
+    foreground: Foreground = "nonzero"
     """Voxels that are the subject, for cropping and z-score statistics: `nonzero` (nnSSL's rule) or
     `otsu` (a head mask for raw heads with a noisy background; see `ds_simclr.data.foreground`)."""
     image_interpolation: str = "bspline3"
@@ -240,7 +240,7 @@ def preprocess(
     overwrite: bool = False,
     progress: bool = True,
     spacing: float = 1.0,
-    foreground: str = "nonzero",
+    foreground: Foreground = "nonzero",
 ) -> Report:
     """Preprocess every image of an nnSSL manifest into a patch store at `out_dir`.
 

@@ -157,7 +157,7 @@ def read_nifti(path: Path) -> Volume:
         nii = nib.load(str(path))
     with ImageOpener(str(path)) as fobj:
         raw = type(nii.header).from_fileobj(fobj, check=False)
-    notes = [f"header fixed by nibabel: {m}" for m in messages if "should be non-zero" not in m]
+    notes = [f"header fixed by nibabel: {m}" for m in messages if "should be non-zero;" not in m]  # said below, per axis
     data = as_3d(np.asarray(nii.dataobj, dtype=np.float32), notes)
     qcode, scode = int(raw["qform_code"]), int(raw["sform_code"])
     if qcode == 0 and scode == 0:
