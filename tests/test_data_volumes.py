@@ -36,18 +36,13 @@ def _head(shape: tuple[int, int, int] = (56, 64, 52), seed: int = 0) -> tuple[np
     r = np.sqrt(sum((g / 0.85) ** 2 for g in grid))
     texture = np.cumsum(np.cumsum(rng.normal(0, 1, shape).astype(np.float32), 0), 1)
     texture = 0.08 * (texture - texture.mean()) / texture.std()
-    head = np.select(
-        [r < 0.15, r < 0.6, r < 0.66, r < 0.8, r < 1.0],
-        [0.25 + 0 * r, 0.6 + texture, 0.3 + 0 * r, 0.15 + 0 * r, 0.85 + 0 * r],
-        0.0,
-    ).astype(np.float32)
-    return head, r < 1.0
+    head = np.select([r < 0.15, r < 0.6, r < 0.66, r < 0.8, r < 1.0], [0.25, 0.6 + texture, 0.3, 0.15, 0.85], 0.0)
+    return head.astype(np.float32), r < 1.0
 
 
-def _save(path: Path, data: np.ndarray, zooms: tuple[float, ...] = (1.0, 1.0, 1.0), *, units: str | None = "mm") -> Path:
-    img = nib.Nifti1Image(data, np.diag([*zooms[:3], 1.0]) if len(zooms) >= 3 else np.eye(4))
-    if units:
-        img.header.set_xyzt_units(units)
+def _save(path: Path, data: np.ndarray, zooms: tuple[float, ...] = (1.0, 1.0, 1.0)) -> Path:
+    img = nib.Nifti1Image(data, np.diag([*zooms[:3], 1.0]))
+    img.header.set_xyzt_units("mm")
     nib.save(img, str(path))
     return path
 
@@ -86,7 +81,7 @@ def test_otsu_crops_a_noisy_head_like_the_same_head_without_background(tmp_path:
         assert rec["fingerprint"]["mean"] == pytest.approx(clean_rec["fingerprint"]["mean"], rel=1e-5)
         assert rec["fingerprint"]["std"] == pytest.approx(clean_rec["fingerprint"]["std"], rel=1e-5)
         np.testing.assert_allclose(out, clean, atol=2e-3)
-    assert clean.shape < raw.shape and json.loads((tmp_path / "c" / "images" / "noisy.json").read_text()) == otsu_rec
+    assert clean.size < 0.6 * raw.size and json.loads((tmp_path / "c" / "images" / "noisy.json").read_text()) == otsu_rec
 
 
 def test_otsu_finds_a_real_raw_head_in_its_noisy_field_of_view(tmp_path: Path) -> None:
@@ -235,7 +230,7 @@ def test_every_assumption_is_recorded_with_the_image(tmp_path: Path, capfd: pyte
 @pytest.mark.parametrize("shape", [(1, 32, 32), (32, 1, 32), (32, 32, 1), (32, 32, 1, 1), (32, 32)], ids=str)
 def test_one_slice_is_skipped_whatever_axis_holds_it(tmp_path: Path, shape: tuple[int, ...]) -> None:
     data = np.ones(shape, np.float32)
-    path = _save(tmp_path / "slice.nii.gz", data, (1.0,) * max(3, len(shape)))
+    path = _save(tmp_path / "slice.nii.gz", data)
     assert _skip_reason(path, tmp_path) == f"one slice, not a 3D volume (shape {list(shape)})"
 
 
@@ -247,7 +242,7 @@ def test_one_slice_read_by_simpleitk_is_skipped_too(tmp_path: Path, size: tuple[
 
 
 def test_several_volumes_are_skipped(tmp_path: Path) -> None:
-    path = _save(tmp_path / "fourd.nii.gz", np.ones((8, 8, 8, 3), np.float32), (1.0, 1.0, 1.0, 1.0))
+    path = _save(tmp_path / "fourd.nii.gz", np.ones((8, 8, 8, 3), np.float32))
     assert _skip_reason(path, tmp_path) == "3 volumes (shape [8, 8, 8, 3]), not one 3D volume"
 
 
