@@ -191,11 +191,19 @@ def data_preprocess(
     out: Annotated[Path, typer.Argument(help="Store folder to create or complete.")],
     jobs: Annotated[int, typer.Option("-j", "--jobs", help="Parallel processes.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished images.")] = False,
+    foreground: Annotated[
+        str,
+        typer.Option(
+            "--foreground",
+            help="Voxels to crop to and z-score over: nonzero (nnSSL's rule; skull-stripped or masked images) or otsu"
+            " (a head mask for raw heads with a noisy background). Recorded in plan.json.",
+        ),
+    ] = "nonzero",
 ) -> None:
     """Fingerprint, plan and preprocess into the patch store; skipped files are reported."""
     from ds_simclr.data.preprocess import preprocess
 
-    report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True)
+    report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True, foreground=foreground)
     typer.echo(
         f"{len(report.processed)} preprocessed, {len(report.reused)} reused, {len(report.skipped)} skipped -> {out}"
     )
