@@ -41,7 +41,7 @@ def _root(
 @app.command()
 def validate(spec_path: SpecArg, overrides: SetOpt = None) -> None:
     """Validate the spec and print a one-screen summary."""
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
     from ds_simclr.summary import spec_summary
 
     spec = load_spec(spec_path, overrides)
@@ -57,7 +57,7 @@ def config(
 ) -> None:
     """Print or write the DeepSpeed JSON for N ranks."""
     from ds_simclr.dsconfig import deepspeed_config
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     text = json.dumps(deepspeed_config(load_spec(spec_path, overrides), world_size), indent=2) + "\n"
     if output is None:
@@ -75,7 +75,7 @@ def plan(
 ) -> None:
     """Dry run: batch split, negatives, steps, LR milestones, memory per rank."""
     from ds_simclr.planning import plan_report, plot_lr_curve
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     spec = load_spec(spec_path, overrides)
     report = plan_report(spec, world_size)
@@ -94,7 +94,7 @@ def train(
 ) -> int:
     """The worker each launcher starts on every rank (users rarely call it)."""
     from ds_simclr.engine import train as run_training
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     run_training(load_spec(spec_path, overrides), run_dir=run_dir, stop_at=stop_at)
     return 0
@@ -119,7 +119,7 @@ def launch(
     same command again to resume, e.g. after `scontrol requeue`).
     """
     from ds_simclr.launch import launch as run_launch
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     return run_launch(load_spec(spec_path, overrides), launcher, hostfile, dry_run, echo=typer.echo)
 
@@ -184,7 +184,7 @@ def bench_views(
 ) -> None:
     """Views/s on this machine's device against the old MONAI recipe (same volumes, one run)."""
     from ds_simclr.data.bench import bench_views as run_bench
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     spec = load_spec(spec_path, overrides)
     result = run_bench(spec.views, patch_size=spec.data.patch_size, seconds=seconds)
