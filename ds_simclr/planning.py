@@ -125,7 +125,8 @@ def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
     lrs = planned_lrs(spec)
     total = spec.train.total_steps
     arch = ENCODERS[spec.model.encoder]
-    params = encoder_parameters(arch, spec.model.in_channels) + head_parameters(spec)
+    encoder, head = encoder_parameters(arch, spec.model.in_channels), head_parameters(spec)
+    params = encoder + head
     state = state_bytes_per_rank(params, spec, world)
     activations = activation_bytes(spec, batch.micro_batch)
     epochs = f"{total / spec.train.steps_per_epoch:g} epochs x {spec.train.steps_per_epoch} steps"
@@ -137,7 +138,8 @@ def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
         " pairs per micro-step over all ranks)",
         f"  steps        {total:,} optimizer steps ({epochs})",
         f"  lr           {_lr_line(spec, lrs)}",
-        f"  model        {spec.model.encoder}, {params / 1e6:.1f} M parameters, {spec.train.precision},"
+        f"  model        {spec.model.encoder}, {params:,} parameters (encoder {encoder:,} + head {head:,}),"
+        f" {spec.train.precision},"
         f" ZeRO-{spec.train.zero_stage}",
         "  memory/rank  "
         + ", ".join(f"{name} {_size(value)}" for name, value in state.items())
