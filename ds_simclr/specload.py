@@ -149,7 +149,10 @@ def _refuse_duplicates(node: yaml.Node, loc: list[str], where: str, visited: set
     if isinstance(node, yaml.MappingNode):
         first_line: dict[str, int] = {}
         for key, value in node.value:
-            if key.tag == _MERGE_TAG or not isinstance(key, yaml.ScalarNode):
+            if key.tag == _MERGE_TAG:  # `<<: *base`: keys given next to it override, as YAML says
+                _refuse_duplicates(value, loc, where, visited, lines=lines)
+                continue
+            if not isinstance(key, yaml.ScalarNode):
                 continue
             line = key.start_mark.line + 1
             if key.value in first_line:

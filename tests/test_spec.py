@@ -196,6 +196,9 @@ def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     text = with_change("seed", 1).replace("train:\n", "train:\n  <<: {global_batch: 4, epochs: 3}\n")
     spec = load_spec(write(tmp_path, text))
     assert spec.train.global_batch == 8 and spec.train.epochs == 3  # the explicit key wins, as YAML says
+    twice = write(tmp_path, text.replace("epochs: 3}", "epochs: 3, epochs: 4}"), "twice.yaml")
+    with pytest.raises(SpecError, match=r"train.epochs: given twice"):
+        load_spec(twice)
 
 
 @pytest.mark.parametrize(
@@ -221,6 +224,7 @@ def test_booleans_are_not_numbers(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"optimizer.betas: expected a number, not the boolean false"):
         load_spec(path, ["optimizer.betas=[0.9, off]"])
     assert load_spec(path, ["data.demo=yes"]).data.demo is True  # a boolean field takes YAML's booleans
+    assert load_spec(path, ["data.modalities=[y, n]"]).data.modalities == ["y", "n"]  # PyYAML keeps y/n as text
 
 
 def test_exponent_numbers_are_numbers(tmp_path: Path) -> None:
