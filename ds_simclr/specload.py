@@ -142,7 +142,8 @@ def _parse(text: str, where: str, prefix: str) -> tuple[Any, yaml.Node | None]:
 
 
 def _refuse_duplicates(node: yaml.Node, loc: list[str], where: str, visited: set[int], *, lines: bool) -> None:
-    """Raise a SpecError for the first mapping key given twice, at any depth (merge keys `<<` excepted)."""
+    """Raise a SpecError for the first mapping key given twice, at any depth (a key next to a merge key
+    `<<` is no duplicate: it overrides the merged one, as YAML says)."""
     if id(node) in visited:  # an alias of a node already checked (or of itself)
         return
     visited.add(id(node))

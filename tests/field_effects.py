@@ -347,6 +347,9 @@ def run_all(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 VIEW_DEVICE = "cpu" if GPU else "cuda"
 """A views.device that differs from `auto` here: `cuda` is refused on a CPU-only machine."""
 
+TWO_HOSTS = {"distributed.launcher": "deepspeed", "distributed.hostfile": Asset("hostfile"), "train.global_batch": 4}
+"""The DeepSpeed launcher on a hostfile of two (remote) hosts x 2 slots."""
+
 CHECKS: list[Check] = [
     Check("name", "other", LAUNCH),
     Check("seed", 4, DATA),
@@ -411,8 +414,8 @@ CHECKS: list[Check] = [
     Check("train.max_nonfinite_steps", 1, STOP),
     # distributed
     Check("distributed.launcher", "deepspeed", LAUNCH),
-    Check("distributed.deepspeed_backend", "slurm", LAUNCH, base={"distributed.launcher": "deepspeed", "distributed.hostfile": Asset("hostfile"), "train.global_batch": 4}),
-    Check("distributed.nodes", 1, LAUNCH, base={"distributed.launcher": "deepspeed", "distributed.hostfile": Asset("hostfile"), "train.global_batch": 4}),
+    Check("distributed.deepspeed_backend", "slurm", LAUNCH, base=TWO_HOSTS),
+    Check("distributed.nodes", 1, LAUNCH, base=TWO_HOSTS),
     Check("distributed.procs_per_node", 3, LAUNCH, base={"train.global_batch": 6}),
     Check("distributed.hostfile", Asset("hostfile"), LAUNCH, base={"distributed.launcher": "deepspeed", "train.global_batch": 4}),
     Check("distributed.master_port", 29556, LAUNCH),

@@ -20,7 +20,12 @@ SSL3D = CONFIGS / "ssl3d_resencl_3x4.yaml"
 def _spec(total: int, warmup: int, start: float = 0.0, floor: float = 0.05):
     return load_spec(
         QUICKSTART,
-        [f"train.max_steps={total}", f"schedule.warmup_steps={warmup}", f"schedule.warmup_start_ratio={start}", f"schedule.min_lr_ratio={floor}"],
+        [
+            f"train.max_steps={total}",
+            f"schedule.warmup_steps={warmup}",
+            f"schedule.warmup_start_ratio={start}",
+            f"schedule.min_lr_ratio={floor}",
+        ],
     )
 
 
@@ -68,7 +73,10 @@ def test_milestones_are_labelled_by_what_they_are() -> None:
     ]
 
 
-@pytest.mark.parametrize(("total", "warmup", "warned"), [(3, 5, True), (3, 3, True), (3, 2, True), (5, 2, True), (20, 4, False), (100, 10, False), (1, 0, False)])
+@pytest.mark.parametrize(
+    ("total", "warmup", "warned"),
+    [(3, 5, True), (3, 3, True), (3, 2, True), (5, 2, True), (20, 4, False), (100, 10, False), (1, 0, False)],
+)
 def test_warning_when_the_peak_is_never_near(total: int, warmup: int, warned: bool) -> None:
     spec = _spec(total, warmup)
     lrs = planned_lrs(spec)
