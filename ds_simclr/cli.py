@@ -180,7 +180,8 @@ def data_demo(out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder fo
 
 @data_app.command("manifest")
 def data_manifest(
-    roots: Annotated[Optional[list[Path]], typer.Argument(help="BIDS datasets or plain folders, one dataset each.", show_default=False)] = None,
+    ctx: typer.Context,
+    roots: Annotated[Optional[list[Path]], typer.Argument(metavar="ROOT", help="BIDS datasets or plain folders, one dataset each.", show_default=False)] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Manifest to write (a folder: FOLDER/pretrain_data.json).")] = Path("pretrain_data.json"),
     suffix: Annotated[Optional[str], typer.Option("--suffix", help="BIDS: suffixes to take, e.g. T1w,T2w (default: anatomical).")] = None,
     pattern: Annotated[Optional[str], typer.Option("--pattern", help="Folder: glob under each ROOT, e.g. '**/*.nii.gz'.")] = None,
@@ -193,6 +194,9 @@ def data_manifest(
 ) -> None:
     """Write nnSSL's pretrain_data.json from BIDS datasets, plain folders or a table; skipped files are reported."""
     from ds_simclr.data.manifest_build import make_manifest
+
+    if not roots and table is None:
+        raise UsageError("Missing argument 'ROOT...' (or give --table FILE).", ctx=ctx)
 
     report = make_manifest(
         roots or [], output, suffixes=suffix.split(",") if suffix else None, pattern=pattern, regex=regex,

@@ -85,7 +85,7 @@ def test_command_unknown_option(path: tuple[str, ...], command, capsys) -> None:
 
 @pytest.mark.parametrize(("path", "command"), COMMANDS, ids=_ids(COMMANDS))
 def test_command_missing_argument_or_extra_argument(path: tuple[str, ...], command, capsys) -> None:
-    required = [p for p in command.params if p.required]
+    required = [p for p in command.params if p.required or getattr(p, "nargs", 1) == -1]  # variadic: one at least
     if required:
         error = _usage_error(path, [], capsys)
         assert error.startswith("error: Missing ")

@@ -282,7 +282,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, caps
     assert f"{tmp_path / 'nope'}: no such folder" in _one_line_error(capsys, tmp_path / "nope", *o)
     assert "not a folder" in _one_line_error(capsys, a / "participants.tsv", *o)
     assert "not a BIDS dataset" in _one_line_error(capsys, scans, *o)
-    assert "at least one ROOT" in _one_line_error(capsys, *o)
+    code, _, err = _run(capsys, *o)  # neither ROOT nor --table: a usage error (usage line + one error line)
+    assert code == 2 and "Missing argument 'ROOT...'" in err and "Traceback" not in err
     # regex without a subject group, with bad syntax, with an unknown group; a pattern without a regex
     assert "--regex: the regex has no subject group" in _one_line_error(capsys, scans, "--pattern", "**/*", "--regex", r"(?P<session>\w+)", *o)
     assert "--regex: not a valid regular expression" in _one_line_error(capsys, scans, "--pattern", "**/*", "--regex", "(?P<subject>", *o)
