@@ -268,8 +268,10 @@ class SimCLRModel(nn.Module):
                 f"expected input (B, {self.in_channels}, X, Y, Z), got shape {tuple(x.shape)}"
             )
         check_input_shape(self.encoder_name, tuple(x.shape[2:]))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)  # (B, C, X, Y, Z) stored NDHWC
+        if self.channels_last and not _is_channels_last(x):
+            # (B, C, X, Y, Z) stored NDHWC; a copy with NDHWC strides also for C = 1, where
+            # `contiguous` keeps NCDHW strides and the convolutions would stay NCDHW
+            x = torch.empty_like(x, memory_format=torch.channels_last_3d).copy_(x)
         stages = self.encoder(x)  # [(B, F_s, ...)] per stage
         return torch.cat([s.mean(dim=(2, 3, 4)) for s in stages], dim=1)  # (B, sum F_s)
 
@@ -297,17 +299,15 @@ def configure_speed(
     """Switch on the spec's speed options in place (same function, same parameters and names).
 
     - `activation_checkpointing`: the encoder recomputes each stage in backward (see ResidualEncoder).
-    - `channels_last`: parameters and views in channels_last_3d (NDHWC); norms keep that layout.
-      DeepSpeed's ZeRO later views 4-D/5-D weights into its flat buffers (NCDHW again); cuDNN then
-      follows the activations' layout.
+    - `channels_last`: the views enter the encoder in channels_last_3d (NDHWC) and every activation
+      stays so (convolutions follow their input's layout; the norms keep it). The weights keep
+      torch's default layout: DeepSpeed broadcasts and flattens parameters as contiguous tensors.
     - `compile`: `torch.compile` of the encoder in place (`nn.Module.compile`), so the state-dict keys
       stay nnSSL's. Compiles on the first forward of each shape (minutes for ResEnc-L).
     Call before handing the model to DeepSpeed. Returns `model`.
     """
     model.encoder.activation_checkpointing = activation_checkpointing
-    if channels_last:
-        model.channels_last = True
-        model.to(memory_format=torch.channels_last_3d)
+    model.channels_last = channels_last
     if compile:
         model.encoder.compile()
     return model

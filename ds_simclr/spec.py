@@ -172,8 +172,9 @@ class TrainSpec(StrictModel):
     much less activation memory (`ds_simclr plan` shows both estimates). Same results."""
 
     channels_last: bool = False
-    """Views, weights and activations in channels_last_3d (NDHWC) memory format, the layout cuDNN's
-    bf16 3D convolutions run natively on recent GPUs; the instance norms keep it. Same results."""
+    """Views and every activation of the encoder in channels_last_3d (NDHWC) memory format, the
+    layout cuDNN's bf16 3D convolutions run natively on recent GPUs (the instance norms keep it;
+    weights stay as DeepSpeed keeps them). Same results."""
 
     compile: bool = False
     """`torch.compile` the encoder (Inductor fuses norms and activations). The first steps compile

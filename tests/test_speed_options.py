@@ -116,7 +116,6 @@ def test_channels_last_same_numbers_and_every_activation_ndhwc(plain_fp32, exact
         module.register_forward_hook(record(name))
     _assert_same(_loss_and_grads(model), plain_fp32, rel=1e-4)
     assert len(layouts) > 30 and all(layouts.values()), [k for k, v in layouts.items() if not v]
-    assert model.encoder.stem.convs[0].conv.weight.grad.is_contiguous(memory_format=torch.channels_last_3d)
     # bf16 (what a GPU run uses): no further from the float64 result than the plain bf16 path. (On this
     # CPU the plain path's bf16 head gradients are themselves far off, so the two are not compared directly.)
     plain_loss_error, plain_grad_error = _error(_loss_and_grads(_model(), torch.bfloat16), exact)
