@@ -14,7 +14,8 @@ configuration, one for the view maker alone. Per configuration: `pairs_per_s` ov
 forward + backward of both views at 160^3, scaled by volume; model FLOPs only, so checkpointing's
 recomputed forward is not counted), `peak_memory_gib` (torch.cuda.max_memory_allocated) next to
 `plan_estimate_gib` (what `ds_simclr plan` estimates for it), `data_wait_fraction` (time the step
-waited for its batch / step time), `first_loss` (equal configurations at one micro-batch must agree).
+waited for its batch / step time), `first_loss` (equal configurations at one micro-batch must agree;
+0 at micro-batch 1 on one GPU, where a pair has no negatives, though the work per step is real).
 A configuration that fails (out of memory, compiler) prints its error and the suite goes on.
 
 Dense bf16 peaks (NVIDIA data sheets), matched in order on the device name: H100 PCIe 756, H100 NVL
@@ -22,11 +23,15 @@ Dense bf16 peaks (NVIDIA data sheets), matched in order on the device name: H100
 
 Where only torch is installed (the lent GPU machine): build the wheels here with
 `scripts/device_wheels.sh .whl`, carry `.whl`, and there
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site python3 benchmarks/gpu_suite.py            # about 4-5 minutes on an H100/H200
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --find-links .whl \\
+        -r .whl/requirements.txt
+    PYTHONPATH=/tmp/site python3 benchmarks/gpu_suite.py | tee $OUT/suite.jsonl   # $OUT: comes back
+(not yet timed on a GPU; estimated 4-5 minutes on an H100/H200: per configuration the trainer's
+start, 13 steps, the final checkpoint of ~1.4 GB and plots; cuDNN's search per new shape; a minute
+or two of compilation).
 The CPU proof (tests/test_device_wheels.py):
     python benchmarks/gpu_suite.py --device cpu --encoder resenc_tiny --size 32 --head 32 \\
-        --warmup 1 --steps 2 --configs plain@1 plain@2 channels_last@2 checkpointing@2
+        --warmup 1 --steps 1 --configs plain@2 channels_last@2 checkpointing@2
 """
 
 from __future__ import annotations
@@ -56,7 +61,12 @@ PEAK_BF16_TFLOPS = (
     ("A100", 312.0),
 )
 CONFIGS = ("plain@1", "plain@4", "plain@8", "channels_last@8", "checkpointing@8", "compile@4")
-SPEED_FIELD = {"plain": None, "channels_last": "channels_last", "checkpointing": "activation_checkpointing", "compile": "compile"}
+SPEED_FIELD = {  # configuration name -> the train.* field it switches on
+    "plain": None,
+    "channels_last": "channels_last",
+    "checkpointing": "activation_checkpointing",
+    "compile": "compile",
+}
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -184,7 +194,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per configuration")
     parser.add_argument("--volumes", type=int, default=16, help="volumes in the synthetic store")
     parser.add_argument("--views-seconds", type=float, default=5.0)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="NAME@MICRO, NAME in " + ", ".join(SPEED_FIELD))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"NAME@MICRO; names: {', '.join(SPEED_FIELD)}")
     args = parser.parse_args()
     configs = [(name, int(micro)) for name, _, micro in (c.partition("@") for c in args.configs)]
     if any(name not in SPEED_FIELD for name, _ in configs):
@@ -196,11 +206,16 @@ def main() -> int:
     with contextlib.redirect_stdout(sys.stderr):  # its accelerator detection logs to stdout
         import deepspeed
 
-    print(json.dumps({
-        "suite": "gpu_suite", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "peak_bf16_tflops": peak_tflops(device), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-        "python": platform.python_version(), "encoder": args.encoder, "size": args.size, "warmup": args.warmup, "steps": args.steps,
-    }), flush=True)
+    header = {
+        "suite": "gpu_suite",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "peak_bf16_tflops": peak_tflops(device),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "python": platform.python_version(),
+        **{key: getattr(args, key) for key in ("encoder", "size", "warmup", "steps")},
+    }
+    print(json.dumps(header), flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp:
         store, out = Path(tmp) / "store", Path(tmp) / "runs"
         volumes = write_store(store, args.volumes, args.size + args.size // 10)
@@ -208,7 +223,8 @@ def main() -> int:
             try:
                 record = measure(name, micro, store, out, args, device)
             except Exception as exc:  # one configuration's failure (out of memory, compiler) must not hide the others
-                record = {"config": name, "micro_batch": micro, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+                first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+                record = {"config": name, "micro_batch": micro, "error": f"{type(exc).__name__}: {first_line}"}
             print(json.dumps(record), flush=True)
             gc.collect()
             if device.type == "cuda":

@@ -61,9 +61,9 @@ class _InstanceNormChannelsLast(torch.autograd.Function):
     X, Y, Z and the rest are fused multiply-adds, computed in float32 for bf16/fp16 inputs (as
     torch's CUDA kernel does) and in float64 for fp32 ones (as its CPU kernel does: the input
     gradient's per-channel sums cancel heavily), written in the input's dtype and layout; the
-    variance is torch's Welford in the input dtype. Saves x-hat (the normalised input, one tensor of the input's size, as the
-    native kernel saves its input). Backward (Ioffe & Szegedy 2015, per sample and channel):
-    dx = rstd * w * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+    variance is torch's Welford in the input dtype. Saves x_hat (the normalised input: one tensor
+    of the input's size, as the native kernel saves its input). Backward (Ioffe & Szegedy 2015,
+    per sample and channel): dx = rstd * w * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
     """
 
     @staticmethod

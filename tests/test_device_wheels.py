@@ -87,7 +87,8 @@ def test_gpu_suite_runs_from_the_wheels_where_only_torch_is(
     wheel_folder: Path, torch_only_python: Path, tmp_path: Path
 ) -> None:
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"}
-    probe = "import importlib.util as u; print([m for m in ('torch', 'numpy', 'deepspeed', 'pydantic', 'ds_simclr') if u.find_spec(m)])"
+    modules = ("torch", "numpy", "deepspeed", "pydantic", "ds_simclr")
+    probe = f"import importlib.util as u; print([m for m in {modules} if u.find_spec(m)])"
     before = subprocess.run([torch_only_python, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert before.stdout.strip() == "['torch']", before.stdout
     site = tmp_path / "site"
@@ -99,8 +100,8 @@ def test_gpu_suite_runs_from_the_wheels_where_only_torch_is(
     )
     installed = time.perf_counter() - t0
     env["PYTHONPATH"] = str(site)
-    cmd = [torch_only_python, REPO / "benchmarks" / "gpu_suite.py", "--device", "cpu", "--encoder", "resenc_tiny",
-           "--size", "32", "--head", "32", "--warmup", "1", "--steps", "1", "--views-seconds", "0.5", "--configs", *CONFIGS]
+    cmd = [torch_only_python, REPO / "benchmarks" / "gpu_suite.py", "--device", "cpu", "--encoder", "resenc_tiny", "--size",
+           "32", "--head", "32", "--warmup", "1", "--steps", "1", "--views-seconds", "0.5", "--configs", *CONFIGS]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     print(f"install {installed:.1f} s, suite {time.perf_counter() - t0 - installed:.1f} s")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -76,7 +76,8 @@ def test_recipe_fits_80_gib_and_the_estimate_is_shown() -> None:
     [
         (["distributed.gpu_memory_gib=60"], ["train.activation_checkpointing=true"]),
         (["distributed.gpu_memory_gib=40"], ["train.micro_batch=5", "train.grad_accum=2"]),
-        (["distributed.gpu_memory_gib=20", "train.activation_checkpointing=true"], ["train.micro_batch=2", "train.grad_accum=5"]),
+        (["distributed.gpu_memory_gib=20", "train.activation_checkpointing=true"],
+         ["train.micro_batch=2", "train.grad_accum=5"]),
     ],
 )
 def test_warning_names_a_fix_that_plan_accepts(overrides: list[str], fix: list[str]) -> None:

@@ -149,6 +149,7 @@ def test_channels_last_norm_gradients_match_torch() -> None:
     torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_same_numbers_and_compiled(exact) -> None:
     """Compiled in float64, so any difference is the compiled graph's, not rounding.
 
