@@ -79,7 +79,7 @@ class Activations:
     largest_segment: int
     """With checkpointing: the saved maps of the biggest segment (stem or stage), recomputed in backward."""
     largest_map: int
-    """The widest full-resolution feature map (backward's gradients through one layer are ~2 of them)."""
+    """The largest feature map (the gradients flowing through one layer in backward are ~2 of them)."""
 
     @property
     def checkpointed(self) -> int:
@@ -133,8 +133,14 @@ class MemoryEstimate:
 
 
 def memory_estimate(spec: RunSpec, batch: BatchPlan, micro_batch: int | None = None) -> MemoryEstimate:
-    """Weights, gradients and optimizer shards (ZeRO), activations of one micro-batch (both views,
-    checkpointed or not as the spec says), the backward's working gradients and the loss's logits.
+    """Weights, gradients and optimizer shards (ZeRO), activations of one micro-batch (both views)
+    and the loss's logits.
+
+    Plain, the peak is at the start of backward, when everything saved is alive (by the time
+    backward reaches the full-resolution layers, whose gradients are the big ones, the deeper
+    layers' saved maps are freed). Checkpointed, it is during the recomputation of the biggest
+    segment at full resolution: the boundaries, that segment's maps and about two full-resolution
+    gradients ("recompute gradients").
 
     Not counted: cuDNN workspaces, DeepSpeed's communication buckets and allocator slack; compare
     with the GPU suite's measured peak (`benchmarks/gpu_suite.py`).
@@ -148,11 +154,14 @@ def memory_estimate(spec: RunSpec, batch: BatchPlan, micro_batch: int | None = N
     pairs = micro * batch.world_size  # N: pairs whose embeddings every anchor is scored against
     logits = 4 * (2 * (2 * micro) * (2 * pairs) + 2 * (2 * pairs) * spec.model.head_out)  # fp32 logits, softmax, candidates
     parts = dict(state_bytes_per_rank(params, spec, batch.world_size))
-    kept = acts.checkpointed if spec.train.activation_checkpointing else acts.plain
-    parts["activations"] = views * kept * element
-    parts["backward gradients"] = views * 2 * acts.largest_map * element
+    if spec.train.activation_checkpointing:
+        parts["activations"] = views * acts.checkpointed * element
+        parts["recompute gradients"] = views * 2 * acts.largest_map * element
+    else:
+        parts["activations"] = views * acts.plain * element
     parts["logits"] = logits
-    return MemoryEstimate(parts, views * acts.plain * element, views * acts.checkpointed * element)
+    checkpointed_peak = views * (acts.checkpointed + 2 * acts.largest_map) * element
+    return MemoryEstimate(parts, views * acts.plain * element, checkpointed_peak)
 
 
 def memory_lines(spec: RunSpec, batch: BatchPlan) -> list[str]:
