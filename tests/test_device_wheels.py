@@ -41,7 +41,10 @@ def _closure(name: str) -> list[metadata.Distribution]:
     seen: dict[str, metadata.Distribution] = {}
     todo = [name]
     while todo:
-        dist = metadata.distribution(todo.pop())
+        try:
+            dist = metadata.distribution(todo.pop())
+        except metadata.PackageNotFoundError:  # a requirement this platform does not install
+            continue
         key = dist.metadata["Name"].lower()
         if key in seen:
             continue
