@@ -147,7 +147,7 @@ class Trainer:
 
         from ds_simclr.data.loader import PairLoader
         from ds_simclr.data.source import resolve_store
-        from ds_simclr.model import build_model
+        from ds_simclr.model import build_model, configure_speed
 
         self.spec = spec
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
@@ -181,6 +181,8 @@ class Trainer:
             head_out=spec.model.head_out,
             head_layers=spec.model.head_layers,
         )
+        speed = spec.train.model_dump(include={"activation_checkpointing", "channels_last", "compile"})
+        configure_speed(model, **speed)
         quiet_deepspeed()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
