@@ -101,7 +101,7 @@ def write_store(root: Path, volumes: int, edge: int, seed: int = 0) -> list[np.n
 
 def suite_spec(config: str, micro: int, store: Path, out: Path, args: argparse.Namespace) -> Any:
     """The run spec of one configuration, as a user would write it."""
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     train = {
         "global_batch": micro, "micro_batch": micro, "grad_accum": 1, "steps_per_epoch": 1000,

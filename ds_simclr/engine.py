@@ -139,6 +139,21 @@ def save_checkpoint(engine: Any, paths: RunPaths, state: TrainState, keep_last: 
     return tag
 
 
+def training_model(spec: RunSpec) -> torch.nn.Module:
+    """The model a run trains: the spec's encoder and head, with its speed options switched on."""
+    from ds_simclr.model import build_model, configure_speed
+
+    model = build_model(
+        spec.model.encoder,
+        in_channels=spec.model.in_channels,
+        head_hidden=spec.model.head_hidden,
+        head_out=spec.model.head_out,
+        head_layers=spec.model.head_layers,
+    )
+    speed = spec.train.model_dump(include={"activation_checkpointing", "channels_last", "compile"})
+    return configure_speed(model, **speed)
+
+
 class Trainer:
     """One rank's part of a run; `run()` trains from the current state to the end (or a stop)."""
 
@@ -147,8 +162,6 @@ class Trainer:
 
         from ds_simclr.data.loader import PairLoader
         from ds_simclr.data.source import resolve_store
-        from ds_simclr.model import build_model, configure_speed
-
         self.spec = spec
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
         self.batch: BatchPlan = plan_batch(spec, self.place.world_size)
@@ -174,15 +187,7 @@ class Trainer:
             write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
         torch.manual_seed(spec.seed)
-        model = build_model(
-            spec.model.encoder,
-            in_channels=spec.model.in_channels,
-            head_hidden=spec.model.head_hidden,
-            head_out=spec.model.head_out,
-            head_layers=spec.model.head_layers,
-        )
-        speed = spec.train.model_dump(include={"activation_checkpointing", "channels_last", "compile"})
-        configure_speed(model, **speed)
+        model = training_model(spec)
         quiet_deepspeed()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config

@@ -16,7 +16,7 @@ from ds_simclr.architectures import ENCODERS
 from ds_simclr.model import build_model, configure_speed
 from ds_simclr.dsconfig import plan_batch
 from ds_simclr.planning import activation_elements, memory_lines, plan_report
-from ds_simclr.spec import load_spec
+from ds_simclr.specload import load_spec
 
 SSL3D = CONFIGS / "ssl3d_resencl_3x4.yaml"
 
