@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ds_simclr.architectures import ENCODERS, EncoderArch
-from ds_simclr.dsconfig import BatchPlan, plan_batch
+from ds_simclr.dsconfig import BatchPlan, fixed_world_size, plan_batch
 from ds_simclr.spec import RunSpec
-
 
 
 def _size(n_bytes: float) -> str:
@@ -31,10 +30,7 @@ class PlanReport:
 
 def default_world_size(spec: RunSpec) -> int:
     """nodes x procs_per_node when the spec fixes both, else 1."""
-    dist = spec.distributed
-    if isinstance(dist.nodes, int) and isinstance(dist.procs_per_node, int):
-        return dist.nodes * dist.procs_per_node
-    return 1
+    return fixed_world_size(spec) or 1
 
 
 def encoder_parameters(arch: EncoderArch, in_channels: int) -> int:
@@ -82,6 +78,51 @@ def activation_bytes(spec: RunSpec, micro_batch: int) -> int:
     return 2 * micro_batch * elements * bytes_per_element
 
 
+def encoder_forward_flops(arch: EncoderArch, in_channels: int, size: int) -> int:
+    """FLOPs (2 per multiply-add) of the encoder's convolutions for one view of `size`^3 voxels.
+
+    Norms, activations, pooling and the head are left out (< 1 %). ResEnc-L at 160^3: 1.91 TFLOP,
+    what torch's FlopCounterMode counts for the seed's network.
+    """
+    k3 = arch.kernel_size**3
+    flops = 2 * in_channels * arch.features[0] * k3 * size**3  # stem
+    cin = arch.features[0]
+    for cout, blocks, stride in zip(arch.features, arch.blocks, arch.strides):
+        size = max(1, size // stride)
+        voxels = size**3
+        for block in range(blocks):
+            flops += 2 * (cin + cout) * cout * k3 * voxels  # conv1 (cin -> cout), conv2 (cout -> cout)
+            if block == 0 and cin != cout:
+                flops += 2 * cin * cout * voxels  # 1x1 skip projection
+            cin = cout
+    return flops
+
+
+def gradient_cache_lines(spec: RunSpec, batch: BatchPlan) -> list[str]:
+    """What the gradient cache costs per rank: one extra forward per micro-batch, and what it keeps.
+
+    Kept through the step: the embeddings and their gradients (fp32, (2 x micro x accum, D) each) and
+    the loss's fp32 logits and their gradient ((2 x micro x accum) x 2N each); not the views, which the
+    loader makes again for the second forward. A backward costs about two forwards, so the extra forward
+    adds about a third of the step's compute.
+    """
+    if not batch.gradient_cache:
+        return []
+    if batch.grad_accum == 1:
+        return ["  grad cache   not used: grad_accum 1, one micro-step already holds every pair of the step"]
+    pairs = batch.micro_batch * batch.grad_accum  # per rank per step
+    arch = ENCODERS[spec.model.encoder]
+    extra = 2 * pairs * encoder_forward_flops(arch, spec.model.in_channels, spec.views.output_size)
+    embeddings = 2 * (2 * pairs * spec.model.head_out * 4)
+    logits = 2 * (2 * pairs * 2 * batch.global_batch * 4)
+    return [
+        f"  grad cache   +1 forward per micro-batch: +{extra / 1e12:.3g} TFLOP per step per rank (+33 % compute);"
+        " views made twice",
+        f"  cache        {_size(embeddings + logits)} per rank: embeddings of {2 * pairs} views x {spec.model.head_out},"
+        " their gradients and the logits (fp32)",
+    ]
+
+
 def state_bytes_per_rank(parameters: int, spec: RunSpec, world_size: int) -> dict[str, float]:
     """Weights, gradients and optimizer state per rank; ZeRO >= 1 shards the fp32 state."""
     shards = world_size if spec.train.zero_stage >= 1 else 1
@@ -91,6 +132,16 @@ def state_bytes_per_rank(parameters: int, spec: RunSpec, world_size: int) -> dic
         weights, grads, master = 4 * parameters, 4 * parameters, 0.0
     adam = 8 * parameters / shards
     return {"weights": weights, "grads": grads, "fp32 master": master, "Adam moments": adam}
+
+
+def _contrasted(batch: BatchPlan) -> str:
+    """Which pairs N counts, in words."""
+    if batch.gradient_cache:
+        return f"N = {batch.contrastive_batch} pairs: every pair of the optimizer step, gradient cache"
+    text = f"N = {batch.contrastive_batch} pairs per micro-step over all ranks"
+    if batch.grad_accum > 1:
+        text += f"; accumulation adds none, train.gradient_cache would make it {2 * batch.global_batch - 2}"
+    return text
 
 
 def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
@@ -112,8 +163,7 @@ def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
         f"plan for {spec.name} on {world} rank{'s' if world > 1 else ''}",
         f"  batch        {batch.global_batch} pairs/step = {batch.micro_batch} micro x"
         f" {batch.grad_accum} accumulation x {world} ranks",
-        f"  negatives    {batch.negatives_per_anchor} per anchor (2N-2, N = {batch.micro_batch * world}"
-        " pairs per micro-step over all ranks)",
+        f"  negatives    {batch.negatives_per_anchor} per anchor (2N-2, {_contrasted(batch)})",
         f"  steps        {total:,} optimizer steps ({epochs})",
         f"  lr           peak {spec.peak_lr:.3g}; "
         + "; ".join(f"{name} (step {step:,}) {lrs[step - 1]:.3g}" for name, step in milestones.items()),
@@ -124,6 +174,7 @@ def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
         + f" = {_size(sum(state.values()))}",
         f"  activations  ~{_size(activations)} per micro-batch (2 views x {batch.micro_batch} x"
         f" {spec.views.output_size}^3, estimate)",
+        *gradient_cache_lines(spec, batch),
     ]
     return PlanReport(text="\n".join(lines), lrs=lrs, batch=batch)
 
