@@ -1,11 +1,13 @@
 """`ds_simclr plan`: what a spec will do on W ranks, computed without building anything heavy.
 
 Parameter counts and activation sizes come from the architecture table (no model import); the LR
-milestones come from DeepSpeed's own scheduler (`schedule.planned_lrs`).
+milestones come from DeepSpeed's own scheduler (`schedule.planned_lrs`), each labelled by what it is:
+the step at the highest LR (`peak` when it is exactly the peak), the first cosine step, the last step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,29 @@ def _contrasted(batch: BatchPlan) -> str:
     return text
 
 
+def lr_milestones(lrs: list[float], peak: float, warmup_span: int) -> list[tuple[str, int]]:
+    """(label, step) of the first step at the highest LR, the first cosine step and the last step;
+    labels of one step are joined (`highest = last step`). `lrs[k - 1]` is step k's LR."""
+    total = len(lrs)
+    highest = lrs.index(max(lrs)) + 1
+    labels: dict[int, list[str]] = {highest: ["peak" if math.isclose(lrs[highest - 1], peak, rel_tol=1e-9) else "highest"]}
+    if warmup_span + 1 <= total:
+        labels.setdefault(warmup_span + 1, []).append("first cosine step")
+    labels.setdefault(total, []).append("last step")
+    return [(" = ".join(names), step) for step, names in sorted(labels.items())]
+
+
+def _lr_line(spec: RunSpec, lrs: list[float]) -> str:
+    from ds_simclr.schedule import warmup_span
+
+    span = warmup_span(spec)
+    warmup = f"warm-up {span} steps" if spec.warmup_steps else "no warm-up"
+    if span >= len(lrs):
+        warmup += " (the run ends inside it: no cosine step)"
+    marks = lr_milestones(lrs, spec.peak_lr, span)
+    return f"peak {spec.peak_lr:.3g}, {warmup}; " + "; ".join(f"{name} (step {step:,}) {lrs[step - 1]:.4g}" for name, step in marks)
+
+
 def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
     """Compute the plan for `world_size` ranks (default: from the spec)."""
     from ds_simclr.schedule import planned_lrs
@@ -152,10 +177,9 @@ def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
     batch = plan_batch(spec, world)
     lrs = planned_lrs(spec)
     total = spec.train.total_steps
-    warmup_end = min(spec.warmup_steps + 1, total)  # first step at the peak
-    milestones = {"warm-up end": warmup_end, "mid": max(1, total // 2), "end": total}
     arch = ENCODERS[spec.model.encoder]
-    params = encoder_parameters(arch, spec.model.in_channels) + head_parameters(spec)
+    encoder, head = encoder_parameters(arch, spec.model.in_channels), head_parameters(spec)
+    params = encoder + head
     state = state_bytes_per_rank(params, spec, world)
     activations = activation_bytes(spec, batch.micro_batch)
     epochs = f"{total / spec.train.steps_per_epoch:g} epochs x {spec.train.steps_per_epoch} steps"
@@ -165,9 +189,9 @@ def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
         f" {batch.grad_accum} accumulation x {world} ranks",
         f"  negatives    {batch.negatives_per_anchor} per anchor (2N-2, {_contrasted(batch)})",
         f"  steps        {total:,} optimizer steps ({epochs})",
-        f"  lr           peak {spec.peak_lr:.3g}; "
-        + "; ".join(f"{name} (step {step:,}) {lrs[step - 1]:.3g}" for name, step in milestones.items()),
-        f"  model        {spec.model.encoder}, {params / 1e6:.1f} M parameters, {spec.train.precision},"
+        f"  lr           {_lr_line(spec, lrs)}",
+        f"  model        {spec.model.encoder}, {params:,} parameters (encoder {encoder:,} + head {head:,}),"
+        f" {spec.train.precision},"
         f" ZeRO-{spec.train.zero_stage}",
         "  memory/rank  "
         + ", ".join(f"{name} {_size(value)}" for name, value in state.items())

@@ -32,7 +32,7 @@ from ds_simclr.cli import main
 from ds_simclr.dsconfig import check_batch, plan_batch, working_world_sizes
 from ds_simclr.errors import BatchArithmeticError
 from ds_simclr.planning import plan_report
-from ds_simclr.spec import load_spec, spec_from_mapping
+from ds_simclr.specload import load_spec, spec_from_mapping
 
 GRADCACHE_SPEC = CONFIGS / "ssl3d_resencl_1x4_gradcache.yaml"
 QUICKSTART = CONFIGS / "quickstart.yaml"

@@ -16,7 +16,7 @@ import pytest
 from helpers import CONFIGS, REPO
 
 from ds_simclr.launch import EXIT_STOPPED, rank_pids
-from ds_simclr.spec import load_spec
+from ds_simclr.specload import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 QUICKSTART = CONFIGS / "quickstart.yaml"
