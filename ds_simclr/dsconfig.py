@@ -62,8 +62,8 @@ def plan_batch(spec: RunSpec, world_size: int) -> BatchPlan:
     if batch.contrastive_batch < 2:
         sizes = working_world_sizes(spec)
         raise BatchArithmeticError(
-            f"micro_batch {batch.micro_batch} on {world_size} rank{'s' if world_size > 1 else ''} makes NT-Xent contrast"
-            f" {batch.contrastive_batch} pair, which has no negatives (loss and gradient 0)",
+            f"micro_batch {batch.micro_batch} on {world_size} rank{'s' if world_size > 1 else ''} makes NT-Xent"
+            f" contrast {batch.contrastive_batch} pair, which has no negatives (loss and gradient 0)",
             where=spec.where("train.micro_batch"),
             hint=_LIFT + (f"; world sizes that work: {_format_sizes(sizes)}" if sizes else ""),
         )

@@ -120,8 +120,8 @@ def gradient_cache_lines(spec: RunSpec, batch: BatchPlan) -> list[str]:
     return [
         f"  grad cache   +1 forward per micro-batch: +{extra / 1e12:.3g} TFLOP per step per rank (+33 % compute);"
         " views made twice",
-        f"  cache        {_size(embeddings + logits)} per rank: embeddings of {2 * pairs} views x {spec.model.head_out},"
-        " their gradients and the logits (fp32)",
+        f"  cache        {_size(embeddings + logits)} per rank: embeddings of {2 * pairs} views x"
+        f" {spec.model.head_out}, their gradients and the logits (fp32)",
     ]
 
 

@@ -294,7 +294,8 @@ def test_validate_and_plan_state_negatives_and_the_cache_cost(capsys) -> None:
     assert "negatives    238 per anchor (2 x global_batch - 2" in capsys.readouterr().out
     assert main(["validate", str(GRADCACHE_SPEC), "--set", "train.gradient_cache=false"]) == 0
     assert "negatives    38 per anchor (2 x 5 micro x 4 ranks - 2)" in capsys.readouterr().out
-    assert main(["validate", str(GRADCACHE_SPEC), "--set", "distributed.nodes=auto", "--set", "train.gradient_cache=false"]) == 0
+    open_world = ["--set", "distributed.nodes=auto", "--set", "train.gradient_cache=false"]
+    assert main(["validate", str(GRADCACHE_SPEC), *open_world]) == 0
     assert "2 x micro_batch x world size - 2 per anchor" in capsys.readouterr().out
 
     short = "train.max_steps=10"  # the LR curve is stepped per optimizer step; the rest does not depend on it
