@@ -34,6 +34,11 @@ class BatchPlan:
         return self.global_batch if self.gradient_cache else self.micro_batch * self.world_size
 
     @property
+    def uses_gradient_cache(self) -> bool:
+        """The step runs through the gradient cache: asked for, and more than one micro-step to cache."""
+        return self.gradient_cache and self.grad_accum > 1
+
+    @property
     def negatives_per_anchor(self) -> int:
         """Candidates an anchor is contrasted with, minus its positive: 2N - 2."""
         return 2 * self.contrastive_batch - 2

@@ -145,6 +145,21 @@ def save_checkpoint(engine: Any, paths: RunPaths, state: TrainState, keep_last: 
     return tag
 
 
+def training_model(spec: RunSpec) -> torch.nn.Module:
+    """The model a run trains: the spec's encoder and head, with its speed options switched on."""
+    from ds_simclr.model import build_model, configure_speed
+
+    model = build_model(
+        spec.model.encoder,
+        in_channels=spec.model.in_channels,
+        head_hidden=spec.model.head_hidden,
+        head_out=spec.model.head_out,
+        head_layers=spec.model.head_layers,
+    )
+    speed = spec.train.model_dump(include={"activation_checkpointing", "channels_last", "compile"})
+    return configure_speed(model, **speed)
+
+
 class Trainer:
     """One rank's part of a run; `run()` trains from the current state to the end (or a stop)."""
 
@@ -153,8 +168,6 @@ class Trainer:
 
         from ds_simclr.data.loader import PairLoader
         from ds_simclr.data.source import resolve_store
-        from ds_simclr.model import build_model
-
         self.spec = spec
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
         self.batch: BatchPlan = plan_batch(spec, self.place.world_size)
@@ -180,13 +193,7 @@ class Trainer:
             write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
         torch.manual_seed(spec.seed)
-        model = build_model(
-            spec.model.encoder,
-            in_channels=spec.model.in_channels,
-            head_hidden=spec.model.head_hidden,
-            head_out=spec.model.head_out,
-            head_layers=spec.model.head_layers,
-        )
+        model = training_model(spec)
         quiet_deepspeed()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
@@ -223,7 +230,7 @@ class Trainer:
         lr = float(engine.get_lr()[0])
         times = {"time_data_s": 0.0, "time_fwd_bwd_s": 0.0, "time_optimizer_s": 0.0}
         micro_views = self._micro_views(batches, times)
-        if self.batch.gradient_cache and self.batch.grad_accum > 1:
+        if self.batch.uses_gradient_cache:
             t0 = time.perf_counter()
             again = functools.partial(self._views_again, times=times)
             cached = gradient_cache_step(engine, micro_views, again, spec.loss.temperature)

@@ -3,7 +3,7 @@
 torchrun and the DeepSpeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; mpirun exports its
 own variables, which are mapped here (no mpi4py needed); a plain `python` start is a world of one.
 On a CPU machine DeepSpeed's shared-memory comm op is switched off before init, so nothing is
-JIT-compiled (training does not need it).
+JIT-compiled (training does not need it); on a GPU cuDNN's benchmark mode is switched on.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> Pl
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # shapes repeat every step: cuDNN times its algorithms once
     else:
         device = torch.device("cpu")
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -248,6 +248,28 @@ def _store_folder(spec: RunSpec, ctx: Context) -> Any:
     return str(resolve_store(spec.data))
 
 
+def _training_model(spec: RunSpec, ctx: Context) -> Any:
+    """The model a run trains (`engine.training_model`): compiled or not; without compiling, the
+    tensors one forward saves for backward and their memory formats."""
+    from ds_simclr.engine import training_model
+
+    model = training_model(spec)
+    compiled = model.encoder._compiled_call_impl is not None
+    if compiled:  # a forward would compile (slow); that it is compiled is the effect
+        return compiled, None
+    saved: list[str] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.ndim == 5:
+            saved.append("channels_last" if tensor.is_contiguous(memory_format=torch.channels_last_3d) else "default")
+        return tensor
+
+    size = spec.views.output_size
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(torch.randn(2, spec.model.in_channels, size, size, size))
+    return compiled, sorted(saved)
+
+
 CONFIG = Effect("DeepSpeed config", _config)
 PLAN = Effect("plan", _plan)
 LAUNCH = Effect("launch plan (--dry-run)", _launch)
@@ -255,6 +277,7 @@ DATA = Effect("data stream: first micro-batch", _data_stream)
 READERS = Effect("threads that read patches", _reader_threads)
 READ_AHEAD = Effect("patches read ahead", _reads_ahead)
 STORE = Effect("store folder trained from", _store_folder)
+MODEL = Effect("model as trained: compiled, 5-D tensors saved for backward and their layout", _training_model)
 
 
 # --------------------------------------------------------------------------- effects of a short run
@@ -414,6 +437,9 @@ CHECKS: list[Check] = [
     Check("train.precision", "bf16", CONFIG),
     Check("train.zero_stage", 2, CONFIG),
     Check("train.max_nonfinite_steps", 1, STOP),
+    Check("train.activation_checkpointing", True, MODEL),
+    Check("train.channels_last", True, MODEL),
+    Check("train.compile", True, MODEL),
     # distributed
     Check("distributed.launcher", "deepspeed", LAUNCH),
     Check("distributed.deepspeed_backend", "slurm", LAUNCH, base=TWO_HOSTS),
@@ -423,6 +449,7 @@ CHECKS: list[Check] = [
     Check("distributed.master_port", 29556, LAUNCH),
     Check("distributed.threads_per_rank", 13, LAUNCH),
     Check("distributed.timeout_minutes", 2.5, TIMEOUT),
+    Check("distributed.gpu_memory_gib", 0.001, PLAN),
     Check("distributed.backend", "nccl", START, group="c", refused_at_use=True),
     # checkpoints and logging
     Check("checkpoint.every_steps", 2, CHECKPOINTS),
