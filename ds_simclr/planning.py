@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ds_simclr.architectures import ENCODERS, EncoderArch
-from ds_simclr.dsconfig import BatchPlan, plan_batch
+from ds_simclr.dsconfig import BatchPlan, fixed_world_size, plan_batch
 from ds_simclr.spec import RunSpec
+
 
 def _size(n_bytes: float) -> str:
     """Bytes as MiB below 1 GiB, else GiB."""
@@ -33,10 +34,7 @@ class PlanReport:
 
 def default_world_size(spec: RunSpec) -> int:
     """nodes x procs_per_node when the spec fixes both, else 1."""
-    dist = spec.distributed
-    if isinstance(dist.nodes, int) and isinstance(dist.procs_per_node, int):
-        return dist.nodes * dist.procs_per_node
-    return 1
+    return fixed_world_size(spec) or 1
 
 
 def encoder_parameters(arch: EncoderArch, in_channels: int) -> int:
@@ -142,6 +140,10 @@ def memory_estimate(spec: RunSpec, batch: BatchPlan, micro_batch: int | None = N
     segment at full resolution: the boundaries, that segment's maps and about two full-resolution
     gradients ("recompute gradients").
 
+    With the gradient cache (accumulation on), the logits are those of the whole step (this rank's
+    pairs of every micro-batch against all pairs of the step; counted with the activations although
+    they are freed before the second forward) and the embedding cache comes on top.
+
     Not counted: cuDNN workspaces, DeepSpeed's communication buckets and allocator slack; compare
     with the GPU suite's measured peak (`benchmarks/gpu_suite.py`).
     """
@@ -151,8 +153,12 @@ def memory_estimate(spec: RunSpec, batch: BatchPlan, micro_batch: int | None = N
     element = 2 if spec.train.precision == "bf16" else 4
     views = 2 * micro
     acts = activation_elements(arch, spec.views.output_size, spec.model.in_channels)
-    pairs = micro * batch.world_size  # N: pairs whose embeddings every anchor is scored against
-    logits = 4 * (2 * (2 * micro) * (2 * pairs) + 2 * (2 * pairs) * spec.model.head_out)  # fp32 logits, softmax, candidates
+    cached = batch.gradient_cache and batch.grad_accum * batch.micro_batch > micro  # accumulation with the cache
+    if cached:  # one NT-Xent over the step: this rank's pairs of all micro-batches against all pairs
+        anchors, pairs = 2 * batch.micro_batch * batch.grad_accum, batch.global_batch
+    else:
+        anchors, pairs = 2 * micro, micro * batch.world_size  # N: pairs every anchor is scored against
+    logits = 4 * (2 * anchors * (2 * pairs) + 2 * (2 * pairs) * spec.model.head_out)  # fp32 logits, softmax, candidates
     parts = dict(state_bytes_per_rank(params, spec, batch.world_size))
     if spec.train.activation_checkpointing:
         parts["activations"] = views * acts.checkpointed * element
@@ -160,6 +166,8 @@ def memory_estimate(spec: RunSpec, batch: BatchPlan, micro_batch: int | None = N
     else:
         parts["activations"] = views * acts.plain * element
     parts["logits"] = logits
+    if cached:
+        parts["embedding cache"] = embedding_cache_bytes(spec, batch)
     checkpointed_peak = views * (acts.checkpointed + 2 * acts.largest_map) * element
     return MemoryEstimate(parts, views * acts.plain * element, checkpointed_peak)
 
@@ -193,14 +201,59 @@ def memory_lines(spec: RunSpec, batch: BatchPlan) -> list[str]:
     note = ""
     if smallest < batch.micro_batch:
         note = (
-            f"; accumulation alone cuts the negatives per anchor to 2 x micro_batch x {batch.world_size} - 2"
-            " (a gradient cache keeps all the step's pairs)"
+            f"; the gradient cache keeps {batch.negatives_per_anchor} negatives per anchor"
+            if batch.gradient_cache
+            else f"; accumulation alone cuts the negatives per anchor to 2 x micro_batch x {batch.world_size} - 2"
+            " (train.gradient_cache: true keeps all the step's pairs)"
         )
     lines.append(
         f"  WARNING      ~{_size(estimate.total)} per GPU exceeds distributed.gpu_memory_gib"
         f" {spec.distributed.gpu_memory_gib:g}; fix: " + ("; or ".join(fixes) if fixes else "none fits one pair") + note
     )
     return lines
+
+
+def encoder_forward_flops(arch: EncoderArch, in_channels: int, size: int) -> int:
+    """FLOPs (2 per multiply-add) of the encoder's convolutions for one view of `size`^3 voxels.
+
+    Norms, activations, pooling and the head are left out (< 1 %). ResEnc-L at 160^3: 1.91 TFLOP,
+    what torch's FlopCounterMode counts for the seed's network.
+    """
+    k3 = arch.kernel_size**3
+    flops = 2 * in_channels * arch.features[0] * k3 * size**3  # stem
+    cin = arch.features[0]
+    for cout, blocks, stride in zip(arch.features, arch.blocks, arch.strides):
+        size = max(1, size // stride)
+        voxels = size**3
+        for block in range(blocks):
+            flops += 2 * (cin + cout) * cout * k3 * voxels  # conv1 (cin -> cout), conv2 (cout -> cout)
+            if block == 0 and cin != cout:
+                flops += 2 * cin * cout * voxels  # 1x1 skip projection
+            cin = cout
+    return flops
+
+
+def embedding_cache_bytes(spec: RunSpec, batch: BatchPlan) -> int:
+    """What the gradient cache keeps through a step per rank: the step's embeddings and their
+    gradients, fp32, (2 x micro x accum, D) each. Not the views: the loader makes them again."""
+    return 2 * (2 * batch.micro_batch * batch.grad_accum * spec.model.head_out * 4)
+
+
+def gradient_cache_lines(spec: RunSpec, batch: BatchPlan) -> list[str]:
+    """What the gradient cache costs per rank: one extra forward per micro-batch (a backward costs about
+    two forwards, so about a third more compute), views made twice, and the embedding cache."""
+    if not batch.gradient_cache:
+        return []
+    if batch.grad_accum == 1:
+        return ["  grad cache   not used: grad_accum 1, one micro-step already holds every pair of the step"]
+    pairs = batch.micro_batch * batch.grad_accum  # per rank per step
+    arch = ENCODERS[spec.model.encoder]
+    extra = 2 * pairs * encoder_forward_flops(arch, spec.model.in_channels, spec.views.output_size)
+    return [
+        f"  grad cache   +1 forward per micro-batch: +{extra / 1e12:.3g} TFLOP per step per rank (+33 % compute);"
+        f" views made twice; embedding cache {_size(embedding_cache_bytes(spec, batch))} (embeddings of {2 * pairs}"
+        f" views x {spec.model.head_out} and their gradients, fp32)",
+    ]
 
 
 def state_bytes_per_rank(parameters: int, spec: RunSpec, world_size: int) -> dict[str, float]:
@@ -212,6 +265,16 @@ def state_bytes_per_rank(parameters: int, spec: RunSpec, world_size: int) -> dic
         weights, grads, master = 4 * parameters, 4 * parameters, 0.0
     adam = 8 * parameters / shards
     return {"weights": weights, "grads": grads, "fp32 master": master, "Adam moments": adam}
+
+
+def _contrasted(batch: BatchPlan) -> str:
+    """Which pairs N counts, in words."""
+    if batch.gradient_cache:
+        return f"N = {batch.contrastive_batch} pairs: every pair of the optimizer step, gradient cache"
+    text = f"N = {batch.contrastive_batch} pairs per micro-step over all ranks"
+    if batch.grad_accum > 1:
+        text += f"; accumulation adds none, train.gradient_cache would make it {2 * batch.global_batch - 2}"
+    return text
 
 
 def lr_milestones(lrs: list[float], peak: float, warmup_span: int) -> list[tuple[str, int]]:
@@ -253,14 +316,14 @@ def plan_report(spec: RunSpec, world_size: int | None = None) -> PlanReport:
         f"plan for {spec.name} on {world} rank{'s' if world > 1 else ''}",
         f"  batch        {batch.global_batch} pairs/step = {batch.micro_batch} micro x"
         f" {batch.grad_accum} accumulation x {world} ranks",
-        f"  negatives    {batch.negatives_per_anchor} per anchor (2N-2, N = {batch.micro_batch * world}"
-        " pairs per micro-step over all ranks)",
+        f"  negatives    {batch.negatives_per_anchor} per anchor (2N-2, {_contrasted(batch)})",
         f"  steps        {total:,} optimizer steps ({epochs})",
         f"  lr           {_lr_line(spec, lrs)}",
         f"  model        {spec.model.encoder}, {params:,} parameters (encoder {encoder:,} + head {head:,}),"
         f" {spec.train.precision},"
         f" ZeRO-{spec.train.zero_stage}",
         *memory_lines(spec, batch),
+        *gradient_cache_lines(spec, batch),
     ]
     return PlanReport(text="\n".join(lines), lrs=lrs, batch=batch)
 

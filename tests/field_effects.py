@@ -426,8 +426,10 @@ CHECKS: list[Check] = [
     Check("schedule.min_lr_ratio", 0.3, CONFIG),
     # train
     Check("train.global_batch", 4, CONFIG),
-    Check("train.micro_batch", 1, CONFIG),
-    Check("train.grad_accum", 2, CONFIG),
+    # 2 pairs per step: 1 x 2 micro-batches would contrast 1 pair (refused), so these split 4 pairs.
+    Check("train.micro_batch", 2, CONFIG, base={"train.global_batch": 4}),
+    Check("train.grad_accum", 2, CONFIG, base={"train.global_batch": 4}),
+    Check("train.gradient_cache", True, PLAN, base={"train.global_batch": 4, "train.grad_accum": 2}),
     Check("train.epochs", 3, CONFIG),
     Check("train.steps_per_epoch", 3, CONFIG),
     Check("train.max_steps", 3, CONFIG),
