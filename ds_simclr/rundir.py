@@ -18,7 +18,8 @@ from typing import Any, Iterable
 import yaml
 
 from ds_simclr.errors import SpecError
-from ds_simclr.spec import RESUME_MUTABLE_FIELDS, RunSpec, dump_spec
+from ds_simclr.spec import RESUME_MUTABLE_FIELDS, RunSpec
+from ds_simclr.specload import dump_spec
 
 TAG_PATTERN = re.compile(r"step_(\d+)")
 
@@ -70,23 +71,24 @@ class RunPaths:
         return tag if (self.checkpoints / tag).is_dir() else None
 
 
-def write_atomic(path: Path, data: str | bytes | Iterable[str]) -> None:
+def write_atomic(path: Path, data: str | bytes | memoryview | Iterable[str]) -> None:
     """Write via a temporary file and rename, so readers never see half a file.
 
-    `data`: text, bytes, or text chunks (written as they come, so a large file need not be in memory).
+    `data`: text, bytes (or a memoryview of them, not copied), or text chunks (written as they come,
+    so a large file need not be in memory).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        if isinstance(data, bytes):
+        if isinstance(data, (bytes, memoryview)):
             tmp.write_bytes(data)
         else:
             with tmp.open("w") as out:
                 out.writelines([data] if isinstance(data, str) else data)
+        tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.replace(path)
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -252,7 +252,7 @@ def test_the_old_straddling_batches_are_gone() -> None:
 
 def test_launch_says_how_many_pairs_repeat_a_volume_when_the_store_is_small(tmp_path: Path) -> None:
     from ds_simclr.launch import describe_data, make_plan, prepare_data
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     store = write_tiny_store(tmp_path / "store", 5, edge=6)
     spec = load_spec(REPO / "ds_configs" / "quickstart.yaml", ["data.demo=false", f"data.store={store}", f"output_dir={tmp_path}"])

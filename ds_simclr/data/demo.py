@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ds_simclr.data.manifest import collection_json
+from ds_simclr.data.manifest import MANIFEST_NAME, collection_json
 from ds_simclr.data.store import FORMAT, build_once
 from ds_simclr.errors import DataError
 from ds_simclr.rundir import write_atomic
@@ -22,7 +22,6 @@ from ds_simclr.rundir import write_atomic
 if TYPE_CHECKING:
     from ds_simclr.data.preprocess import Report
 
-MANIFEST_NAME = "pretrain_data.json"
 _DEBIAN = {
     "colin27_t1": Path("/usr/share/mricron/templates/ch2.nii.gz"),
     "itk_kmeans_t1": Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz"),

@@ -22,6 +22,10 @@ from ds_simclr.errors import DataError
 from ds_simclr.specbase import StrictModel
 
 
+MANIFEST_NAME = "pretrain_data.json"
+"""nnSSL's file name for a manifest."""
+
+
 class AssociatedMasks(StrictModel):
     """Optional masks beside an image (paths like `image_path`)."""
 
@@ -106,10 +110,18 @@ class ManifestImage:
     field: str
 
 
-def _uid(*parts: object) -> str:
-    name = "__".join(str(p) for p in parts)
-    name = re.sub(r"\.(nii\.gz|nii|nrrd|mha|mhd|nhdr)$", "", name)
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
+"""File name endings of the volumes preprocessing reads (NIfTI through nibabel, the others through SimpleITK)."""
+_EXTENSION = re.compile("(" + "|".join(re.escape(e) for e in IMAGE_EXTENSIONS) + ")$")
+
+
+def image_uid(*parts: object) -> str:
+    """An image's id: collection, dataset, subject, session and name joined by `__`, without the extension.
+
+    Characters outside `[A-Za-z0-9._-]` become `-`, so two names can share an id; the id names the
+    image's files in the store and must be unique in a manifest.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", _EXTENSION.sub("", "__".join(str(p) for p in parts)))
 
 
 def resolve_path(raw: str, base: Path, where: str) -> Path:
@@ -162,7 +174,7 @@ def load_manifest(path: Path, *, modalities: list[str] | None = None, check_file
                     anat = masks.anatomy_mask if masks else None
                     images.append(
                         ManifestImage(
-                            uid=_uid(collection.collection_name, ds.dataset_index, subj_key, sess_key, img.name),
+                            uid=image_uid(collection.collection_name, ds.dataset_index, subj_key, sess_key, img.name),
                             dataset=ds_key,
                             subject=subj_key,
                             session=sess_key,
@@ -229,7 +241,3 @@ def collection_json(name: str, rows: Iterable[Row]) -> Iterator[str]:
         prev = key
     yield "".join(_CLOSE[level] for level in reversed(range(len(prev)))) + "}}\n"
 
-
-def collection_dict(name: str, rows: Iterable[Row]) -> dict[str, Any]:
-    """A pretrain_data.json as a dict (small collections; large ones: write `collection_json`)."""
-    return json.loads("".join(collection_json(name, rows)))

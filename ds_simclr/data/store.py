@@ -68,7 +68,7 @@ def write_volume(store_dir: Path, uid: str, volume: np.ndarray) -> Path:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(volume, dtype=STORE_DTYPE))
     path = Path(store_dir) / volume_file(uid)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getbuffer())  # no copy of the volume's bytes
     return path
 
 
