@@ -360,4 +360,8 @@ def test_two_ranks_under_ulimit_256_train_on_2000_volumes_preprocessed_by_launch
         top_fds, top_maps = max(r[2] for r in reading), max(r[3] for r in reading)
         print(f"rank pid {pid}: {len(rows)} samples; volume fds <= {max(r[0] for r in rows)}, volume maps <= "
               f"{max(r[1] for r in rows)}; all fds {base_fds} + <= {top_fds - base_fds}, all maps {base_maps} + <= {top_maps - base_maps}")
-        assert top_fds - base_fds <= 64
+        # the rank's own files come and go by a descriptor or two (a metrics line appended, a /proc read):
+        # measured 65 once; a volume a rank kept open would add one per volume read (2,000 here)
+        assert top_fds - base_fds <= 64 + 2
+        others = [r[2] - r[0] for r in reading]
+        assert max(others) - min(others) <= 4  # what the rank holds besides volumes does not grow with reading
