@@ -223,14 +223,28 @@ def data_preprocess(
             " (a head mask for raw heads with a noisy background). Recorded in plan.json.",
         ),
     ] = "nonzero",
-) -> None:
-    """Fingerprint, plan and preprocess into the patch store; skipped files are reported."""
-    from ds_simclr.data.preprocess import preprocess
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="K/N",
+            help="Only images K, K+N, K+2N, ... (0 <= K < N) and no index: shards run anywhere into one shared OUT;"
+            " a run without --shard afterwards reuses their images and writes the index and report.json.",
+        ),
+    ] = None,
+) -> int:
+    """Fingerprint, plan and preprocess into the patch store; skipped files are reported.
 
-    report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True, foreground=foreground)
+    Exit status: 0 when every image was preprocessed (or reused), 1 when some were skipped, 2 on a user error.
+    """
+    from ds_simclr.data.preprocess import parse_shard, preprocess
+
+    share = parse_shard(shard) if shard is not None else None
+    report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True, foreground=foreground, shard=share)
     typer.echo(report.summary())
     for line in report.skipped_lines():
         typer.echo(line, err=True)
+    return 1 if report.skipped else 0
 
 
 @bench_app.command("views")

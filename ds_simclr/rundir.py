@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -75,10 +76,11 @@ def write_atomic(path: Path, data: str | bytes | memoryview | Iterable[str]) -> 
     """Write via a temporary file and rename, so readers never see half a file.
 
     `data`: text, bytes (or a memoryview of them, not copied), or text chunks (written as they come,
-    so a large file need not be in memory).
+    so a large file need not be in memory). The temporary name holds the host and the process id, so
+    writers on several nodes sharing a folder (preprocessing shards) never share one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         if isinstance(data, (bytes, memoryview)):
             tmp.write_bytes(data)

@@ -27,11 +27,11 @@ def test_demo_then_preprocess_reports_the_broken_file(tmp_path: Path, capsys) ->
     manifest.write_text(json.dumps(data))
 
     store = tmp_path / "store"
-    assert main(["data", "preprocess", str(manifest), str(store), "-j", "2"]) == 0
+    assert main(["data", "preprocess", str(manifest), str(store), "-j", "2"]) == 1  # 1: some image was skipped
     captured = capsys.readouterr()
     assert "1 skipped" in captured.out and "broken.nii.gz" in captured.err
     assert (store / "store.json").is_file()
-    assert main(["data", "preprocess", str(manifest), str(store)]) == 0  # a rerun reuses the finished images
+    assert main(["data", "preprocess", str(manifest), str(store)]) == 1  # a rerun reuses the finished images
     assert "0 preprocessed" in capsys.readouterr().out
 
 

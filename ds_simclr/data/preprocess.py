@@ -13,15 +13,19 @@ processes; the main process keeps ids and counts, never the images' records.
 
 `build_index` then assembles the store from the sidecars of the manifest's images, in manifest
 order: fingerprint.json, pretrain_data.json and report.json (written as streams), the index, and
-store.json last. It reads only files, so it can run alone once every image has a sidecar.
+store.json last. It reads only files, so it can run alone once every image has a sidecar. A shard
+(`preprocess(..., shard=(K, N))`) processes every N-th image and stops before it: many shards on many
+nodes fill one store folder, and a run without `shard` then writes the index (see `preprocess`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
     from ds_simclr.data.volume_io import Grid
 
 SKIP_SUFFIX = ".skip.json"
+SHARDS_DIR = "shards"
+"""Per-shard reports of `--shard K/N` runs: `shards/<K>-of-<N>.json`."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,26 @@ class Plan:
         if self.foreground not in FOREGROUNDS:
             raise DataError(f"unknown foreground {self.foreground!r}", where="foreground", hint=f"one of {', '.join(FOREGROUNDS)}")
 
+    def as_json(self) -> dict[str, Any]:
+        """plan.json's content."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def digest(self) -> str:
+        """12 hex digits naming the plan; every sidecar records the one its image was made with."""
+        return plan_digest(self.as_json())
+
+
+def plan_digest(plan_json: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(plan_json, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (0 <= K < N) -> (K, N); DataError naming `--shard` otherwise."""
+    k, sep, n = text.partition("/")
+    if not (sep and k.strip().isdigit() and n.strip().isdigit()) or not int(k) < int(n):
+        raise DataError(f"not a shard K/N with 0 <= K < N: {text!r}", where="--shard", hint="e.g. --shard 0/16 ... --shard 15/16")
+    return int(k), int(n)
+
 
 @dataclass
 class Report:
@@ -81,8 +107,13 @@ class Report:
     processed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per image with something to note: non-finite voxels set to 0, assumptions made about its header
+    or array, resampling across thick slices (see `_note`)."""
     seconds: float = 0.0
     """Wall time of the run, index included."""
+    shard: tuple[int, int] | None = None
+    """(K, N) of a `--shard K/N` run, which reports its share only and writes no index."""
 
     @property
     def store_size(self) -> int:
@@ -91,6 +122,9 @@ class Report:
     def summary(self) -> str:
         """The one line `data preprocess` and `launch` print."""
         counts = f"{len(self.processed)} preprocessed, {len(self.reused)} reused, {len(self.skipped)} skipped"
+        if self.shard is not None:
+            k, n = self.shard
+            return f"shard {k}/{n}: {counts} in {self.seconds:.1f} s -> {self.out_dir} (no index until a run without --shard)"
         return f"{counts} in {self.seconds:.1f} s -> {self.out_dir}"
 
     def skipped_lines(self) -> list[str]:
@@ -220,6 +254,7 @@ def _process_image(item: ManifestImage, plan: Plan, out_dir: Path) -> dict[str, 
         "foreground": foreground,
         "resampling": resampling,
         "assumptions": assumptions,
+        "plan": plan.digest(),
     }
     with _stage("writing failed"):
         write_volume(out_dir, item.uid, out)
@@ -248,8 +283,10 @@ def _init_worker() -> None:
 
 
 def _check_plan(out_dir: Path, plan: Plan, overwrite: bool) -> None:
+    """Refuse a store made with another plan (unless `overwrite`); write plan.json (every shard
+    writes the same text: the plan depends on the options only, never on the images)."""
     path = out_dir / "plan.json"
-    wanted = json.loads(json.dumps(asdict(plan)))
+    wanted = plan.as_json()
     if path.is_file() and not overwrite and json.loads(path.read_text()) != wanted:
         raise DataError(
             "this store was preprocessed with another plan", where=str(path), hint="use --overwrite or another OUT folder"
@@ -272,12 +309,12 @@ def _check_format(out_dir: Path, overwrite: bool) -> None:
         raise DataError(
             f"holds a store of format {found}, not {FORMAT_NAME}", where=str(path), hint="use --overwrite or another OUT folder"
         )
-    path.unlink()  # incomplete until the new index is written
+    path.unlink(missing_ok=True)  # incomplete until the new index is written (shards may race here)
     images = out_dir / IMAGES_DIR
     if found != FORMAT_NAME and images.is_dir():  # format 1 kept every file directly in images/
         for entry in images.iterdir():
             if entry.is_file():
-                entry.unlink()
+                entry.unlink(missing_ok=True)
 
 
 def finished_images(out_dir: Path) -> set[str]:
@@ -310,12 +347,19 @@ def preprocess(
     progress: bool = True,
     spacing: float = 1.0,
     foreground: Foreground = "nonzero",
+    shard: tuple[int, int] | None = None,
 ) -> Report:
     """Preprocess every image of an nnSSL manifest into a patch store at `out_dir` (see the module docstring).
 
     Writes `plan.json`, `images/<bb>/<id>.npy` + sidecars, then `build_index`'s files. `jobs`
     processes work in parallel; finished images are reused unless `overwrite`. `foreground` is
     `Plan.foreground`.
+
+    `shard=(K, N)`: only images K, K + N, K + 2N, ... of the manifest, and no index: their sidecars
+    and `shards/<K>-of-<N>.json` (this shard's report). Shards run in any order, at once on several
+    nodes into one shared `out_dir` (each image has one writer; every file is written to a temporary
+    name unique to the host and process, then renamed); a run without `shard` afterwards reuses
+    their images and writes the index and the full report.
     """
     started = time.monotonic()
     if jobs < 1:
@@ -326,17 +370,43 @@ def preprocess(
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_format(out_dir, overwrite)
     _check_plan(out_dir, plan, overwrite)
+    if shard is not None:
+        items = items[shard[0] :: shard[1]]
     finished = set() if overwrite else finished_images(out_dir)
     todo = [item for item in items if item.uid not in finished]
     del finished
     processed: set[str] = set()
+    skipped: dict[str, str] = {}
     with _Progress(len(todo), progress) as bar:
         for uid, reason in _run(todo, plan, out_dir, jobs):
             if reason is None:
                 processed.add(uid)
+            else:
+                skipped[uid] = reason
             bar.advance()
-    report = build_index(out_dir, items, processed=processed, manifest_path=Path(manifest_path))
+    if shard is not None:
+        report = _shard_report(out_dir, items, processed, skipped, shard)
+    else:
+        report = build_index(out_dir, items, processed=processed, manifest_path=Path(manifest_path))
     report.seconds = time.monotonic() - started
+    if shard is not None:
+        k, n = shard
+        payload = {"shard": f"{k}/{n}", "host": socket.gethostname(), "images": len(items), "seconds": report.seconds,
+                   "processed": report.processed, "reused": report.reused, "skipped": report.skipped}
+        write_atomic(out_dir / SHARDS_DIR / f"{k}-of-{n}.json", json.dumps(payload, indent=1) + "\n")
+    return report
+
+
+def _shard_report(
+    out_dir: Path, items: list[ManifestImage], processed: set[str], skipped: dict[str, str], shard: tuple[int, int]
+) -> Report:
+    """A shard's share, in manifest order: processed or skipped now, or finished before (reused)."""
+    report = Report(out_dir=out_dir, shard=shard)
+    for item in items:
+        if item.uid in skipped:
+            report.skipped.append({"id": item.uid, "path": str(item.path), "reason": skipped[item.uid]})
+        else:
+            (report.processed if item.uid in processed else report.reused).append(item.uid)
     return report
 
 
@@ -402,8 +472,24 @@ class _IndexRows:
     modalities: list[str] = field(default_factory=list)
 
 
-def _fingerprints(out_dir: Path, items: list[ManifestImage], rows: _IndexRows, skipped: list[dict[str, str]]) -> Iterator[str]:
-    """fingerprint.json's text, from the sidecars; fills `rows` and `skipped` on the way."""
+def _note(record: dict[str, Any]) -> dict[str, Any]:
+    """What report.json says about one preprocessed image: only what was repaired, assumed or unusual."""
+    note: dict[str, Any] = {}
+    if record["non_finite"]:
+        note["non_finite"] = record["non_finite"]
+    if record["assumptions"]:
+        note["assumptions"] = record["assumptions"]
+    if record["resampling"]["slice_axis"] is not None:
+        note["resampling"] = record["resampling"]
+    return note
+
+
+def _fingerprints(
+    out_dir: Path, items: list[ManifestImage], rows: _IndexRows, skipped: list[dict[str, str]], notes: dict[str, dict[str, Any]],
+    plan: str,
+) -> Iterator[str]:
+    """fingerprint.json's text, from the sidecars; fills `rows`, `skipped` and `notes` on the way and
+    refuses a sidecar made with another plan than `plan` (a digest)."""
     yield "{"
     missing = []
     for item in items:
@@ -415,6 +501,15 @@ def _fingerprints(out_dir: Path, items: list[ManifestImage], rows: _IndexRows, s
             except FileNotFoundError:
                 missing.append(item)
             continue
+        if record.get("plan") != plan:
+            raise DataError(
+                f"image {item.uid} was preprocessed with another plan ({record.get('plan')}, plan.json: {plan})",
+                where=str(out_dir / sidecar_file(item.uid)),
+                hint="give every shard and the index step the same options, or use --overwrite",
+            )
+        note = _note(record)
+        if note:
+            notes[item.uid] = note
         yield ("\n" if not rows.ids else ",\n") + f"{json.dumps(item.uid)}: " + json.dumps(record["fingerprint"] | {"source": record["source"]})
         rows.ids.append(item.uid)
         rows.shapes.append(record["shape"])
@@ -434,7 +529,8 @@ def build_index(out_dir: Path, items: list[ManifestImage], *, processed: set[str
     out_dir = Path(out_dir)
     report = Report(out_dir=out_dir)
     rows = _IndexRows()
-    write_atomic(out_dir / "fingerprint.json", _fingerprints(out_dir, items, rows, report.skipped))
+    plan = plan_digest(json.loads((out_dir / "plan.json").read_text()))
+    write_atomic(out_dir / "fingerprint.json", _fingerprints(out_dir, items, rows, report.skipped, report.notes, plan))
     done = set(rows.ids)
     for uid in rows.ids:
         (report.processed if uid in processed else report.reused).append(uid)
@@ -452,6 +548,7 @@ def build_index(out_dir: Path, items: list[ManifestImage], *, processed: set[str
 
 def _report_json(report: Report) -> Iterator[str]:
     yield f'{{"store_size": {report.store_size},\n"skipped": {json.dumps(report.skipped, indent=1)}'
+    yield ',\n"notes": {' + ",\n".join(f"{json.dumps(uid)}: {json.dumps(note)}" for uid, note in report.notes.items()) + "}"
     for name in ("processed", "reused"):
         ids = getattr(report, name)
         yield f',\n"{name}": [' + ",\n".join(json.dumps(uid) for uid in ids) + "]"

@@ -46,7 +46,9 @@ def write_tiny_collection(root: Path, n: int, *, edge: int = 12, spacing: float 
     for k, (*_, rel, _modality) in enumerate(_rows(n)):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(tiny_volume(k, edge, seed), affine), str(path))
+        img = nib.Nifti1Image(tiny_volume(k, edge, seed), affine)
+        img.header.set_xyzt_units("mm")
+        nib.save(img, str(path))
     manifest = root / "pretrain_data.json"
     write_atomic(manifest, collection_json("Synthetic", _rows(n)))
     return manifest
