@@ -127,13 +127,26 @@ def suite_spec(config: str, micro: int, store: Path, out: Path, args: argparse.N
 def train_steps(spec: Any) -> list[dict[str, Any]]:
     """Train `spec` with the real Trainer (its output to stderr); the metrics row of every step.
 
-    The suite's one coupling to the engine: adjust here when the Trainer's interface changes.
+    The suite's one coupling to the engine: adjust here when the Trainer's interface changes. A step
+    returns with its backward and update still queued on the GPU (its one host sync comes before the
+    last backward), and a logged step reads its metrics after its time is taken; so each step here
+    ends with a device synchronise, which puts all of its GPU work into its `time_step_s`.
     """
     from ds_simclr.engine import Trainer
     from ds_simclr.telemetry import read_metrics
 
     with contextlib.redirect_stdout(sys.stderr):
-        Trainer(spec, spec.run_dir).run()
+        trainer = Trainer(spec, spec.run_dir)
+        step = trainer._optimizer_step
+
+        def step_to_the_end(*args: Any) -> Any:
+            outcome = step(*args)
+            if trainer.place.device.type == "cuda":
+                torch.cuda.synchronize(trainer.place.device)
+            return outcome
+
+        trainer._optimizer_step = step_to_the_end
+        trainer.run()
     return read_metrics(spec.run_dir / "metrics.jsonl")
 
 

@@ -72,7 +72,7 @@ def measure_one(mode: str, global_batch: int, micro: int, size: int, steps: int,
                 Path("/proc/self/clear_refs").write_text("5")
                 base = _status_kib("VmRSS")
             start, start_cpu = time.perf_counter(), time.process_time()
-            row = trainer._optimizer_step(stream)
+            row = trainer._optimizer_step(stream).row
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
             trainer.state.step += 1

@@ -106,6 +106,23 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sum_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    """`value` (0-dim, e.g. a loss sum) summed over ranks and `flag` OR-ed over ranks, in ONE all-reduce.
+
+    The pair travels as a float64 (2,) tensor on the comm device, built there without a host round
+    trip; reading the result back is the caller's one host sync. A NaN or inf on any rank makes the
+    sum non-finite, so for non-negative values (cross-entropy sums) `math.isfinite` of the sum says
+    whether every rank's value was finite: the trainer agrees on finiteness and the stop request at once.
+    """
+    pair = torch.zeros(2, dtype=torch.float64, device=comm_device())
+    pair[0] = value.detach()
+    pair[1] = 1.0 if flag else 0.0
+    if world_size() > 1:
+        dist.all_reduce(pair, op=dist.ReduceOp.SUM)
+    total, flags = pair.tolist()
+    return total, flags > 0
+
+
 def all_ranks_true(flag: bool) -> bool:
     """True only if `flag` is True on every rank, so all ranks take the same branch.
 

@@ -1,7 +1,8 @@
 """The training loop: DeepSpeed engine, views -> encoder -> head -> NT-Xent -> step, checkpoints.
 
-Every rank runs the same steps. Per micro-batch the loss is checked for finiteness and the ranks
-agree on it before backward, so a bad step is skipped everywhere (no update; the LR schedule still
+Every rank runs the same steps. Once per optimizer step, before its last backward, one small
+all-reduce agrees on the loss (finite or not) and on a stop request, so a bad step is skipped
+everywhere (no update; the LR schedule still
 advances so it stays equal to the plan). Checkpoints are DeepSpeed's own (`step_<N>` tags) with a
 client state holding our step counters; `latest` is written only after every rank has finished
 writing. A stop request (SIGTERM, SIGUSR1) is agreed on at a step boundary, then the run
@@ -9,6 +10,9 @@ checkpoints and exits cleanly so a relaunch resumes.
 
 With `train.gradient_cache` (and grad_accum > 1) a step is one NT-Xent over all its pairs, checked
 for finiteness once (`ds_simclr.gradcache`); skipping, clipping and metrics are as above.
+
+Reading that agreement is a step's one host sync: the gradient norm and the contrastive metrics
+(more collectives) are read on logged steps only.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -36,7 +41,7 @@ from ds_simclr.dsconfig import BatchPlan, deepspeed_config, plan_batch
 from ds_simclr.environment import software
 from ds_simclr.errors import TrainingError, UserError
 from ds_simclr.gradcache import gradient_cache_step
-from ds_simclr.loss import contrastive_metrics, nt_xent
+from ds_simclr.loss import contrastive_metrics, nt_xent_local
 from ds_simclr.rundir import RunPaths, check_resumable, checkpoint_tags, write_atomic, write_run_files
 from ds_simclr.runtime import Placement, init_distributed
 from ds_simclr.schedule import prime
@@ -86,6 +91,18 @@ class TrainResult:
     stopped_early: bool
     skipped_steps: int
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step left for the loop."""
+
+    row: dict[str, Any]
+    """The cheap part of its metrics row: loss (read with the agreement), lr, skipped, times."""
+    stopping: bool
+    """A stop was requested on some rank (agreed with the loss: the same on every rank)."""
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    """(n, D) each, for the contrastive metrics of a logged step; None when skipped."""
 
 
 class StopRequest:
@@ -224,8 +241,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def _optimizer_step(self, batches: Any) -> dict[str, Any]:
-        """Run the micro-batches of one optimizer step; returns the step's metrics."""
+    def _optimizer_step(self, batches: Any, stop_requested: bool = False) -> StepOutcome:
+        """Run the micro-batches of one optimizer step; agree on its loss and on `stop_requested`.
+
+        One small all-reduce and one host sync per step: the loss stays on the device until the
+        agreement reads its global sum (`dist.sum_and_any`). What costs more syncs or collectives
+        (gradient norm, contrastive metrics) is left to `_monitoring`, on logged steps.
+        """
         spec, engine = self.spec, self.engine
         lr = float(engine.get_lr()[0])
         times = {"time_data_s": 0.0, "time_fwd_bwd_s": 0.0, "time_optimizer_s": 0.0}
@@ -233,28 +255,34 @@ class Trainer:
         if self.batch.uses_gradient_cache:
             t0 = time.perf_counter()
             again = functools.partial(self._views_again, times=times)
-            cached = gradient_cache_step(engine, micro_views, again, spec.loss.temperature)
+            cached = gradient_cache_step(engine, micro_views, again, spec.loss.temperature, stop_requested)
             times["time_optimizer_s"] = cached.optimizer_s
             times["time_fwd_bwd_s"] = time.perf_counter() - t0 - times["time_data_s"] - cached.optimizer_s
-            finite, stepped = cached.finite, cached.stepped
-            losses, z_metrics = ([cached.loss], (cached.z1, cached.z2)) if finite else ([], None)
+            loss, stepped, stopping, embeddings = cached.loss, cached.stepped, cached.stopping, (cached.z1, cached.z2)
         else:
-            finite, stepped, losses, z_metrics = self._plain_micro_steps(micro_views, times)
+            loss, stepped, stopping, embeddings = self._plain_micro_steps(micro_views, stop_requested, times)
+        finite = math.isfinite(loss)
         if finite and not engine.was_step_applied():
             finite = False  # the loss was finite, the gradients were not: DeepSpeed refused the update
         if not finite:
             self._skip_step(stepped)
         row: dict[str, Any] = {
-            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "loss": loss if math.isfinite(loss) else float("nan"),
             "lr": lr,
             "skipped": not finite,
             **times,
         }
-        if finite:
-            row["grad_norm"] = _as_float(engine.get_global_grad_norm())
-            if z_metrics is not None:
-                row.update(contrastive_metrics(*z_metrics, spec.loss.temperature))
-        return row
+        return StepOutcome(row, stopping, embeddings if finite else None)
+
+    def _monitoring(self, outcome: StepOutcome) -> dict[str, Any]:
+        """The step's gradient norm and contrastive metrics: host syncs and collectives, so read on
+        logged steps only, by every rank (the metrics are collectives)."""
+        if outcome.row["skipped"]:
+            return {}
+        numbers: dict[str, Any] = {"grad_norm": _as_float(self.engine.get_global_grad_norm())}
+        if outcome.embeddings is not None:
+            numbers.update(contrastive_metrics(*outcome.embeddings, self.spec.loss.temperature))
+        return numbers
 
     def _micro_views(self, batches: Any, times: dict[str, float]) -> Iterator[torch.Tensor]:
         """This step's micro-batches as (2n, 1, S, S, S) views in the training dtype (first views first)."""
@@ -275,30 +303,38 @@ class Trainer:
         return views
 
     def _plain_micro_steps(
-        self, micro_views: Iterator[torch.Tensor], times: dict[str, float]
-    ) -> tuple[bool, bool, list[float], tuple[torch.Tensor, torch.Tensor] | None]:
-        """NT-Xent per micro-batch (negatives: micro x world); returns finite, stepped, losses, last embeddings."""
-        engine = self.engine
-        losses: list[float] = []
-        finite, stepped = True, False
+        self, micro_views: Iterator[torch.Tensor], stop_requested: bool, times: dict[str, float]
+    ) -> tuple[float, bool, bool, tuple[torch.Tensor, torch.Tensor] | None]:
+        """NT-Xent per micro-batch (negatives: micro x world); returns the step's loss (the mean over
+        its micro-batches, non-finite if any was), stepped, the agreed stop and the last embeddings.
+
+        The ranks agree once, after the last forward and before its backward: with grad_accum 1 a
+        non-finite loss skips backward and the optimizer on every rank; with accumulation the
+        earlier micro-batches are already in DeepSpeed's buffers, which then voids the step.
+        """
+        engine, accum = self.engine, self.batch.grad_accum
+        ce_total = torch.zeros((), device=self.place.device)  # () sum of the local cross-entropies
+        loss, stepped, stopping = float("nan"), False, False
         z_last: tuple[torch.Tensor, torch.Tensor] | None = None
-        for views in micro_views:
+        for micro, views in enumerate(micro_views):
             t0 = time.perf_counter()
             z1, z2 = engine(views).chunk(2)  # (n, D) each
-            loss = nt_xent(z1, z2, self.spec.loss.temperature)
-            finite = dist.all_ranks_true(finite and bool(torch.isfinite(loss)))
-            if not finite and self.batch.grad_accum == 1:
-                times["time_fwd_bwd_s"] += time.perf_counter() - t0
-                break  # skip: no backward, no optimizer step on any rank
-            engine.backward(loss)
+            loss_local, ce_sum, two_big_n = nt_xent_local(z1, z2, self.spec.loss.temperature)
+            ce_total += ce_sum.detach()
+            if micro == accum - 1:  # the step's one collective of its own and its one host sync
+                total, stopping = dist.sum_and_any(ce_total, stop_requested)
+                loss = total / (two_big_n * accum)
+                if not math.isfinite(loss) and accum == 1:
+                    times["time_fwd_bwd_s"] += time.perf_counter() - t0
+                    break  # skip: no backward, no optimizer step on any rank
+            engine.backward(loss_local)
             times["time_fwd_bwd_s"] += time.perf_counter() - t0
             t1 = time.perf_counter()
             engine.step()
             times["time_optimizer_s"] += time.perf_counter() - t1
             stepped = True
-            losses.append(float(loss.detach()))
             z_last = (z1.detach(), z2.detach())
-        return finite, stepped, losses, z_last
+        return loss, stepped, stopping, z_last
 
     def _skip_step(self, stepped: bool) -> None:
         """Account for a non-finite step; stop (with a checkpoint) after too many in a row.
@@ -345,7 +381,8 @@ class Trainer:
         try:
             while self.state.step < end:
                 t0 = time.perf_counter()
-                row = self._optimizer_step(batches)
+                outcome = self._optimizer_step(batches, stop.signal is not None)
+                row, stopping = outcome.row, outcome.stopping
                 self.state.step += 1
                 step_time = time.perf_counter() - t0
                 if not row["skipped"]:
@@ -359,11 +396,12 @@ class Trainer:
                     views_per_s=2 * pairs_per_step / step_time,
                     time_step_s=step_time,
                 )
-                stopping = dist.any_rank_true(stop.signal is not None)
                 too_many_bad = self.state.consecutive_nonfinite >= spec.train.max_nonfinite_steps
                 last = self.state.step == end
                 image_now = spec.logging.image_every and self.state.step % spec.logging.image_every == 0
                 log_now = self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"] or image_now
+                if log_now:
+                    row.update(self._monitoring(outcome))
                 if self.rank_zero and log_now:
                     metrics.write(row)
                     wandb_run.log(row, {"views": view_slices(*self.sample_views)} if image_now else None)

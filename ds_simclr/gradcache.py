@@ -13,9 +13,9 @@ Per optimizer step, with K micro-batches of n pairs on each of W ranks (N = n K 
    contributions over ranks, so backward gives g = dL_r/dz for this rank's embeddings, where L_r is
    the rank's gradient-carrying term (its cross-entropy sum / 2nK): exactly what the plain path
    backpropagates for one micro-batch of nK pairs.
-3. The loss is the global mean, the same number on every rank (`nt_xent` all-reduces it), so its
-   finiteness is agreed without another collective: one host sync per optimizer step. A non-finite
-   loss ends the step before anything reaches DeepSpeed.
+3. The loss's global sum and the ranks' stop requests are agreed in one small all-reduce
+   (`ds_simclr.dist.sum_and_any`), the same numbers on every rank: one host sync per optimizer
+   step. A non-finite loss ends the step before anything reaches DeepSpeed.
 4. Every micro-batch is forwarded again with a graph, from the same views and the same RNG state,
    and `engine.backward(sum(z * g_k), scale_wrt_gas=False)` backpropagates its slice g_k of the
    cached gradient: the surrogate's gradient with respect to z is g_k itself, and DeepSpeed must not
@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from ds_simclr.loss import nt_xent
+from ds_simclr.dist import sum_and_any
+from ds_simclr.loss import nt_xent_local
 
 
 @dataclass
@@ -55,6 +56,8 @@ class CachedStep:
     """The micro-batches went through DeepSpeed up to its accumulation boundary (False: skipped before)."""
     optimizer_s: float
     """Seconds in `engine.step()` (the boundary's reduction, clipping and update)."""
+    stopping: bool = False
+    """A stop was requested on some rank (agreed with the loss, the same on every rank)."""
 
     @property
     def finite(self) -> bool:
@@ -84,13 +87,15 @@ def gradient_cache_step(
     micro_views: Iterable[torch.Tensor],
     views_again: Callable[[int], torch.Tensor],
     temperature: float,
+    stop_requested: bool = False,
 ) -> CachedStep:
     """Run one optimizer step over K micro-batches with the gradient cache (see the module docstring).
 
     engine: a DeepSpeed engine whose `gradient_accumulation_steps()` is K. micro_views: the K
     micro-batches' views (2n, C, S, S, S) in the module's dtype, the first n rows the first views of n
     samples, the others their second views; n equal on every rank. views_again(k): micro-batch k's
-    views once more, bit-identical (for the second forward). Every rank calls this for the same step.
+    views once more, bit-identical (for the second forward). stop_requested: this rank's stop request,
+    agreed with the loss (`CachedStep.stopping`). Every rank calls this for the same step.
     """
     states: list[_RngState] = []
     z1_parts, z2_parts = [], []
@@ -104,11 +109,12 @@ def gradient_cache_step(
     z2 = torch.cat(z2_parts).float().requires_grad_()  # (nK, D) fp32 leaf
     sizes = [part.shape[0] for part in z1_parts]  # n per micro-batch
     del z1_parts, z2_parts
-    loss = nt_xent(z1, z2, temperature)  # () global mean over all 2N anchors
-    result = CachedStep(float(loss.detach()), z1.detach(), z2.detach(), stepped=False, optimizer_s=0.0)
-    if not result.finite:  # the step's one host sync, the same verdict on every rank
+    loss_local, ce_sum, two_big_n = nt_xent_local(z1, z2, temperature)  # over all 2N anchors of all ranks
+    total, stopping = sum_and_any(ce_sum, stop_requested)  # the step's one host sync, equal on every rank
+    result = CachedStep(total / two_big_n, z1.detach(), z2.detach(), False, 0.0, stopping)
+    if not result.finite:
         return result  # no rank backpropagates (the gather's backward is a collective)
-    loss.backward()
+    loss_local.backward()
     start = 0
     for k, (state, n) in enumerate(zip(states, sizes)):
         g = torch.cat([z1.grad[start : start + n], z2.grad[start : start + n]])  # (2n, D) fp32, dL_r/dz_k

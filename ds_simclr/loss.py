@@ -87,16 +87,29 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool
     (1/W) * sum_r d(local_ce_sum_r / 2n) = d(global_ce_sum / 2N): the gradient of the returned
     global mean in one process.
     """
+    loss_local, ce_sum, two_big_n = nt_xent_local(z1, z2, temperature, gather)
+    if not gather or world_size() == 1:
+        return loss_local
+    global_mean = all_reduce_sum(ce_sum) / two_big_n  # () detached, identical on every rank
+    return _ReportGlobal.apply(loss_local, global_mean)
+
+
+def nt_xent_local(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`nt_xent` without its closing all-reduce, for a caller that merges the loss into a collective of
+    its own (the trainer's one all-reduce per optimizer step, `ds_simclr.dist.sum_and_any`).
+
+    Returns loss_local () float32 = local_ce_sum / 2n, this rank's gradient-carrying term (backpropagate
+    it: its gradient is `nt_xent`'s); ce_sum () float32, the sum of the 2n local cross-entropies (the
+    global mean is its sum over ranks / 2N); and 2N. Same arguments as `nt_xent`.
+    """
     _check_pair(z1, z2)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits, positives, two_big_n = _local_logits(z1, z2, temperature, gather)  # (2n, 2N), (2n,)
     ce_sum = F.cross_entropy(logits, positives, reduction="sum")  # () sum over the 2n local anchors
-    loss_local = ce_sum / logits.shape[0]  # () local_ce_sum / 2n: the gradient-carrying part
-    if not gather or world_size() == 1:
-        return loss_local
-    global_mean = all_reduce_sum(ce_sum) / two_big_n  # () detached, identical on every rank
-    return _ReportGlobal.apply(loss_local, global_mean)
+    return ce_sum / logits.shape[0], ce_sum, two_big_n
 
 
 @torch.no_grad()

@@ -142,3 +142,22 @@ def test_a_failing_read_names_step_slots_and_volumes(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"making views for step 0 micro 0 \(epoch 0, slots \[0, 1\], volumes \["):
         next(loader.iterate(0))
     loader.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_views_made_on_the_loaders_cuda_stream_reach_the_step_intact(store: Path) -> None:
+    """Prefetched views (producer thread, the loader's stream) equal the same views made again here."""
+    data = DataSpec(store=store, patch_size=32, num_workers=2, prefetch=2)
+    loader = PairLoader(
+        store, data, VIEWS, seed=11, global_batch=2, micro_batch=2, grad_accum=1, steps_per_epoch=STEPS_PER_EPOCH,
+        rank=0, world_size=1, device=torch.device("cuda"),
+    )
+    try:
+        for batch in itertools.islice(loader.iterate(0), 4):
+            assert batch.ready is not None and batch.view1.is_cuda
+            doubled = batch.view1 * 2  # on the training stream, ordered after the views by the event
+            again = loader.make(batch.step, batch.micro)
+            torch.testing.assert_close(doubled, again.view1 * 2, atol=0, rtol=0)
+            torch.testing.assert_close(batch.view2, again.view2, atol=0, rtol=0)
+    finally:
+        loader.close()

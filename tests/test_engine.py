@@ -138,10 +138,10 @@ def _trainer_worker(mapping: dict, stop_at: int | None, nan_steps: tuple[int, ..
     hashes: dict[int, str] = {}
     real_step = trainer._optimizer_step
 
-    def step_and_hash(batches):
-        row = real_step(batches)
+    def step_and_hash(*args):
+        outcome = real_step(*args)
         hashes[trainer.state.step + 1] = _param_hash(trainer.engine.module)
-        return row
+        return outcome
 
     trainer._optimizer_step = step_and_hash
     try:

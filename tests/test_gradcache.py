@@ -78,7 +78,8 @@ def _trainer_steps(mappings: list[dict], steps: int) -> list[dict[str, Any]]:
         batches = trainer.loader.iterate(0)
         rows = []
         for _ in range(steps):
-            rows.append(trainer._optimizer_step(batches))
+            outcome = trainer._optimizer_step(batches)
+            rows.append({**outcome.row, **trainer._monitoring(outcome)})
             trainer.state.step += 1
         trainer.loader.close()
         out.append({"rows": rows, "params": _params(trainer)})
@@ -102,10 +103,10 @@ def _trainer_run(mapping: dict, nan_step: int) -> dict[str, Any]:
     params: dict[int, dict[str, torch.Tensor]] = {}
     real_step = trainer._optimizer_step
 
-    def step_and_keep(batches):
-        row = real_step(batches)
+    def step_and_keep(*args):
+        outcome = real_step(*args)
         params[trainer.state.step + 1] = _params(trainer)
-        return row
+        return outcome
 
     trainer._optimizer_step = step_and_keep
     result = trainer.run()

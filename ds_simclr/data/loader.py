@@ -2,6 +2,14 @@
 
 Every draw (sample order, patch position, view parameters) is a function of (seed, epoch, slot,
 view) only, so batches are identical for any worker count, rank split, or resume point.
+
+On a CUDA training device the views are made on the loader's own stream, so making the next
+batch's views overlaps the current step (the producer thread runs ahead by `data.prefetch`). Each
+batch carries an event recorded after its views; the consumer's stream waits on that event (not
+on the whole view stream, which would also wait for batches made further ahead) and the views are
+recorded as used on the consumer's stream, so the caching allocator does not hand their memory
+back to the view stream while the step still reads them. On the CPU the stream is None and the
+same code runs without it.
 """
 
 from __future__ import annotations
@@ -40,6 +48,17 @@ class PairBatch:
     """Seconds the training loop waited for this batch (0 when prefetching kept up)."""
     slots: list[int]
     """Stream slots of the samples, within the epoch (for tests and debugging)."""
+    ready: torch.cuda.Event | None = None
+    """Recorded on the loader's CUDA stream after the views were made (None on the CPU)."""
+
+    def hand_over(self) -> PairBatch:
+        """Make the calling thread's current stream wait for the views and mark them used there."""
+        if self.ready is not None:
+            consumer = torch.cuda.current_stream(self.view1.device)
+            consumer.wait_event(self.ready)
+            self.view1.record_stream(consumer)
+            self.view2.record_stream(consumer)
+        return self
 
 
 _DONE = object()
@@ -81,6 +100,7 @@ class PairLoader:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._again_stream = copy.deepcopy(self.stream)  # `make`'s own: the producer thread owns self.stream
+        self._cuda_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # views' stream
 
     def _read(self, epoch: int, slot: int, index: int) -> np.ndarray:
         size = self.data.patch_size
@@ -110,12 +130,14 @@ class PairLoader:
     def _make_pair(self, step: int, micro: int, epoch: int, slots: list[int], jobs: list) -> PairBatch:
         arrays = [j.result() if isinstance(j, Future) else j for j in jobs]
         patches = torch.from_numpy(np.stack(arrays)[:, None])  # float16: half the bytes to the device
-        if self.view_device.type == "cuda":
-            patches = patches.pin_memory().to(self.view_device, non_blocking=True)
-        size = self.data.patch_size
-        pairs = [make_views(patches, [draw_view(self.recipe, size, (self.seed, epoch, s, v)) for s in slots], self.recipe) for v in (1, 2)]
-        view1, view2 = (p.to(self.device, non_blocking=True) for p in pairs)
-        return PairBatch(step, micro, epoch, view1, view2, 0.0, slots)
+        with torch.cuda.stream(self._cuda_stream):  # None (CPU): no stream, the same code
+            if self.view_device.type == "cuda":
+                patches = patches.pin_memory().to(self.view_device, non_blocking=True)
+            size = self.data.patch_size
+            pairs = [make_views(patches, [draw_view(self.recipe, size, (self.seed, epoch, s, v)) for s in slots], self.recipe) for v in (1, 2)]
+            view1, view2 = (p.to(self.device, non_blocking=True) for p in pairs)
+            ready = self._cuda_stream.record_event() if self._cuda_stream is not None else None
+        return PairBatch(step, micro, epoch, view1, view2, 0.0, slots, ready)
 
     def make(self, step: int, micro: int) -> PairBatch:
         """This rank's part of micro-batch `micro` of optimizer step `step`, made now in the calling thread.
@@ -126,7 +148,7 @@ class PairLoader:
         epoch = step // self.layout.steps_per_epoch
         slots = self.layout.slots(step, micro, self.rank)
         arrays = [self._read(epoch, slot, self._again_stream.index(epoch, slot)) for slot in slots]
-        return self._assemble(step, micro, epoch, slots, arrays)
+        return self._assemble(step, micro, epoch, slots, arrays).hand_over()
 
     def _produce(self, start_step: int, out: queue.Queue) -> None:
         try:
@@ -161,7 +183,7 @@ class PairLoader:
             if isinstance(item, BaseException):
                 raise item
             item.data_wait_s = time.perf_counter() - t0
-            yield item
+            yield item.hand_over()
 
     def close(self) -> None:
         """Stop the producer and the reader threads (safe to call twice)."""
