@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_simclr.atomic import write_atomic
 from ds_simclr.data.manifest import collection_dict
 from ds_simclr.errors import DataError
 
@@ -78,9 +79,7 @@ def build_demo(out_dir: Path) -> Path:
         nib.save(_as_3d_float(img), str(out_dir / "volumes" / name))
         rows.append((dataset, subject, "ses-1", name, f"volumes/{name}", modality))
     manifest = out_dir / MANIFEST_NAME
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(collection_dict("ds_simclr_demo", rows), indent=1))
-    tmp.replace(manifest)
+    write_atomic(manifest, json.dumps(collection_dict("ds_simclr_demo", rows), indent=1))
     return manifest
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ds_simclr.atomic import atomic_path, write_atomic
 from ds_simclr.data.manifest import ManifestImage, collection_dict, load_manifest
 from ds_simclr.data.store import STORE_DTYPE, StoreEntry, write_index
 from ds_simclr.errors import DataError
@@ -124,17 +125,15 @@ def process_image(item: ManifestImage, plan: Plan, out_dir: Path) -> dict[str, A
     img = _resample(img, plan.target_spacing, sitk.sitkBSpline, pad_value)
     out = sitk.GetArrayFromImage(img).astype(STORE_DTYPE)
     rel = f"{IMAGES_DIR}/{item.uid}.npy"
-    tmp = out_dir / f"{rel}.tmp.npy"
-    np.save(tmp, out)
-    tmp.replace(out_dir / rel)
+    with atomic_path(out_dir / rel) as tmp:
+        np.save(tmp, out)
     record = {
         "entry": {"id": item.uid, "file": rel, "shape": list(out.shape), "modality": item.modality, "pad_value": pad_value},
         "source": str(item.path),
         "fingerprint": finger,
     }
     side = out_dir / IMAGES_DIR / f"{item.uid}.json"
-    side.with_suffix(".json.tmp").write_text(json.dumps(record, indent=1))
-    side.with_suffix(".json.tmp").replace(side)
+    write_atomic(side, json.dumps(record, indent=1))
     return record
 
 
@@ -152,9 +151,7 @@ def _init_worker() -> None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=1, default=str))
 
 
 def _check_plan(out_dir: Path, plan: Plan, overwrite: bool) -> None:

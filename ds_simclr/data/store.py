@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_simclr.atomic import write_atomic
 from ds_simclr.errors import DataError
 
 INDEX_NAME = "store.json"
@@ -36,9 +37,7 @@ def write_index(store_dir: Path, entries: list[StoreEntry]) -> Path:
     """Write the store index atomically (readers never see half a file)."""
     path = store_dir / INDEX_NAME
     payload = {"format": STORE_FORMAT, "images": [e.__dict__ | {"shape": list(e.shape)} for e in entries]}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=1))
     return path
 
 
