@@ -13,14 +13,18 @@ spec the launch wrote.
 Stopping: SIGTERM, SIGUSR1 or SIGINT to `launch` is forwarded to the ranks themselves (local ones
 found under the launcher's process tree, remote ones through `srun --overlap` or pdsh), which agree
 on a step, checkpoint and exit 0; `launch` then exits with EXIT_STOPPED (75) when the run is not
-finished, so a batch script can requeue. A second signal terminates the launcher.
+finished, so a batch script can requeue; also when the signal arrives before the launcher started.
+A second signal terminates the launcher.
+
+One job per run directory (`runlock`); the launcher and the ranks die with `launch` (`lifeline`);
+a rank's user error ends the job with that rank's one line and exit status (`rank_report`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ds_simclr.errors import DataError
+from ds_simclr.errors import EXIT_STOPPED, DataError
 from ds_simclr.launch.cluster import Cluster, discover_cluster, slurm_hostfile
 from ds_simclr.launch.launchers import (
     LAUNCHERS,
@@ -34,12 +38,12 @@ from ds_simclr.launch.launchers import (
 )
 from ds_simclr.launch.prepare import prepare_run_dir
 from ds_simclr.launch.supervise import (
-    EXIT_STOPPED,
     is_rank_cmdline,
     rank_pids,
     remote_signal_cmd,
     run_plan,
     signal_ranks,
+    startup_signals_stop,
 )
 from ds_simclr.spec import RunSpec
 
@@ -76,13 +80,14 @@ def launch(
     """`ds_simclr launch`: check data, plan, and either print the plan or run it."""
     from ds_simclr.data.source import check_data_paths
 
-    try:
-        check_data_paths(spec.data)
-    except DataError as exc:
-        exc.where = spec.where(exc.where or "data")
-        raise
-    chosen, plan = make_plan(spec, launcher, hostfile)
-    if dry_run:
-        echo(describe(chosen, plan))
-        return 0
-    return run_plan(chosen, plan)
+    with startup_signals_stop():
+        try:
+            check_data_paths(spec.data)
+        except DataError as exc:
+            exc.where = spec.where(exc.where or "data")
+            raise
+        chosen, plan = make_plan(spec, launcher, hostfile)
+        if dry_run:
+            echo(describe(chosen, plan))
+            return 0
+        return run_plan(chosen, plan)
