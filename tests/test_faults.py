@@ -1,0 +1,241 @@
+"""Faults while a real 2-rank job runs through `ds_simclr launch`, and what `launch` says about them.
+
+- The fault campaign (`benchmarks/faults.py`, 12 of its trials): after a SIGKILLed rank (also while a
+  checkpoint is written), a killed launcher, SIGTERM/SIGUSR1, a deleted, truncated or garbled newest
+  checkpoint, garbage in `latest` or a torn metrics line, the same command finishes the run, resumed
+  from the newest complete checkpoint, one metrics row per step, losses equal to the uninterrupted
+  run's bit for bit.
+- A full disk while a checkpoint is written (a small tmpfs): one line, exit 74, the previous
+  checkpoint loadable; with space again the same command finishes the run.
+- Errors only a rank sees end the job with that rank's one line and exit status, no traceback, and
+  no advice to run the same command again; a read-only or full run directory, an impossible world
+  size on resume and a signal during start-up each give one line and their status, nothing
+  overwritten.
+- A resumed job continues the same offline W&B run, recorded as resumed, no step logged twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from ds_simclr.checkpoint import find_resume_point
+from ds_simclr.errors import EXIT_CANTCREAT, EXIT_IOERR, EXIT_NONFINITE, EXIT_STOPPED
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def _load_campaign_module():
+    spec = importlib.util.spec_from_file_location("faults_benchmark", REPO / "benchmarks" / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["faults_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+faults = _load_campaign_module()
+
+CI_TRIALS = (
+    "kill_rank", "kill_rank_in_checkpoint", "kill_launcher", "sigterm", "sigusr1", "kill_rank",
+    "delete_newest", "truncate_newest", "garbage_newest", "garbage_latest", "torn_metrics", "kill_rank_in_checkpoint",
+)
+
+
+def test_fault_campaign(tmp_path: Path, demo_cache: Path) -> None:
+    campaign = faults.Campaign(tmp_path, demo_cache, steps=9, every=3, rng=random.Random(10))
+    campaign.run_baseline()
+    trials = []
+    for kind in CI_TRIALS:
+        trial = campaign.trial(kind)
+        trials.append(trial)
+        print(f"{trial.kind:<24} {'survived' if trial.survived else 'LOST':<9} {trial.detail}")
+    print(faults.summary(trials))
+    counted = [t for t in trials if t.kind != "none"]
+    assert len(counted) >= 10, "most faults must land while the run is unfinished"
+    assert all(t.survived for t in counted), "\n".join(f"{t.kind}: {t.detail}" for t in counted if not t.survived)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def launch_cmd(out: Path, cache: Path, *overrides: str) -> list[str]:
+    sets = [f"output_dir={out}", f"data.cache_dir={cache}", "logging.wandb_mode=disabled", "logging.image_every=0",
+            "distributed.launcher=torchrun", *overrides]
+    return [sys.executable, "-m", "ds_simclr.cli", "launch", str(REPO / "ds_configs" / "quickstart.yaml"),
+            *[arg for s in sets for arg in ("--set", s)]]
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A small tmpfs (root and a kernel that allows mounting, else skipped)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): full-disk faults not tested")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# ------------------------------------------------------------------ disk full, read-only
+
+
+def test_full_disk_during_a_checkpoint(tmpfs: Path, demo_cache: Path) -> None:
+    """9 MiB hold two checkpoints of the quickstart (~3.5 MiB each) but not a third beside them."""
+    cmd = launch_cmd(tmpfs, demo_cache, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=2")
+    result = run(cmd)
+    assert result.returncode == EXIT_IOERR, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "no space left on device while writing checkpoint step_" in errors[0], result.stderr[-3000:]
+    assert "is the newest complete checkpoint" in errors[0] and "Traceback" not in result.stderr
+    point = find_resume_point(tmpfs / "quickstart" / "checkpoints", deep=True)  # every file, every CRC
+    assert point is not None and point.tag in errors[0]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tmpfs)], check=True)
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmpfs / "quickstart" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_a_full_or_read_only_run_directory_at_start_is_one_line(tmpfs: Path, demo_cache: Path) -> None:
+    (tmpfs / "filler").write_bytes(b"\0" * (9 * 2**20 - 4096))
+    full = run(launch_cmd(tmpfs, demo_cache, "train.max_steps=2"), timeout=120)
+    assert full.returncode == EXIT_IOERR, full.stderr[-2000:]
+    assert len(error_lines(full.stderr)) == 1 and "no space left on device" in full.stderr
+    (tmpfs / "filler").unlink()
+    shutil.rmtree(tmpfs / "quickstart", ignore_errors=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    read_only = run(launch_cmd(tmpfs, demo_cache, "train.max_steps=2"), timeout=120)
+    assert read_only.returncode == EXIT_CANTCREAT, read_only.stderr[-2000:]
+    assert len(error_lines(read_only.stderr)) == 1 and "read-only file system" in read_only.stderr
+    assert "Traceback" not in full.stderr + read_only.stderr
+
+
+# ------------------------------------------------------------------ errors a rank finds
+
+
+def test_a_user_error_found_on_the_ranks_is_the_jobs_one_line(tmp_path: Path, demo_cache: Path) -> None:
+    result = run(launch_cmd(tmp_path, demo_cache, "train.max_steps=2", "data.modalities=[FLAIR]"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "no images of modalities ['FLAIR']" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "run the same command" not in result.stderr
+
+
+def test_too_many_nonfinite_steps_have_their_own_status(tmp_path: Path, demo_cache: Path) -> None:
+    result = run(launch_cmd(tmp_path, demo_cache, "train.max_steps=30", "optimizer.lr=10", "train.grad_clip=0",
+                            "schedule.warmup_steps=0", "train.max_nonfinite_steps=1"))
+    assert result.returncode == EXIT_NONFINITE, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "1 steps in a row had a non-finite loss" in errors[0]
+    assert "Traceback" not in result.stderr and "run the same command" not in result.stderr
+
+
+def test_resuming_on_another_store_is_refused_on_rank_0(tmp_path: Path, demo_cache: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(demo_cache / "demo" / "store", store)
+    cmd = [*launch_cmd(tmp_path, demo_cache, "train.max_steps=3"), "--set", "data.demo=false", "--set", f"data.store={store}"]
+    assert run(cmd).returncode == 0
+    index = store / "store.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "rebuilt": True}))  # same path, another store
+    before = (tmp_path / "quickstart" / "metrics.jsonl").read_text()
+    result = run([*cmd, "--set", "train.max_steps=4"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "step_3 was trained on a store with identity" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "quickstart" / "metrics.jsonl").read_text() == before
+
+
+def test_an_impossible_world_size_on_resume_overwrites_nothing(tmp_path: Path, demo_cache: Path) -> None:
+    cmd = launch_cmd(tmp_path, demo_cache, "train.max_steps=2")
+    assert run(cmd).returncode == 0
+    run_dir = tmp_path / "quickstart"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    result = run([*cmd, "--set", "distributed.procs_per_node=3", "--set", "train.max_steps=4"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "cannot be split over 3 ranks" in errors[0]
+    assert "world sizes that work: 1, 2, 4, 8, 16" in errors[0]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_signal_during_start_up_exits_75(tmp_path: Path, demo_cache: Path) -> None:
+    log = tmp_path / "launch.log"
+    proc = subprocess.Popen(launch_cmd(tmp_path, demo_cache, "train.max_steps=50"), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while "launch: command:" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the ranks are starting: DeepSpeed, data, model
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == EXIT_STOPPED, text[-3000:]
+    assert "stopped on SIGTERM" in text and "run the same command to resume" in text and "Traceback" not in text
+    assert "step 1/" not in text  # stopped before the first step
+
+
+# ------------------------------------------------------------------ W&B
+
+
+def _wandb_records(folder: Path) -> tuple[dict, list[int]]:
+    out = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(folder)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    run_record = next(r["run"] for r in records if r["type"] == "run")
+    steps = [r["history"]["item"]["step"] for r in records if r["type"] == "history"]
+    return run_record, steps
+
+
+def test_a_resumed_job_continues_the_offline_wandb_run(tmp_path: Path, demo_cache: Path) -> None:
+    """The first job is killed after logging steps past its last checkpoint (2): the second resumes
+    from step 2, redoes steps 3-4 without logging them again, and logs 5-6 to the same run."""
+    cmd = [*launch_cmd(tmp_path, demo_cache, "train.max_steps=6", "checkpoint.every_steps=2"),
+           "--set", "logging.wandb_mode=offline"]
+    run_dir, log = tmp_path / "quickstart", tmp_path / "first.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    logged = run_dir / "wandb" / "logged_step"
+    deadline = time.monotonic() + 240
+    while not (logged.is_file() and int(logged.read_text() or 0) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher; its ranks die with it
+    proc.wait()
+    time.sleep(1)
+    logged_first = int(logged.read_text())
+    resumed_from = find_resume_point(run_dir / "checkpoints").marker.step
+    assert resumed_from < logged_first < 6, (resumed_from, logged_first)
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    (first, first_steps), (second, second_steps) = (_wandb_records(f) for f in folders)
+    assert first["run_id"] == second["run_id"] == (run_dir / "wandb" / "run_id").read_text().strip()
+    assert not first.get("resume") and second.get("resume") is True
+    assert first_steps[: resumed_from] == list(range(1, resumed_from + 1))
+    assert second_steps[0] == first_steps[-1] + 1 and first_steps + second_steps == list(range(1, 7))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
