@@ -94,15 +94,22 @@ def train(
 ) -> int:
     """The worker each launcher starts on every rank (users rarely call it)."""
     from ds_simclr.engine import train as run_training
-    from ds_simclr.rank_report import report_rank_error
+    from ds_simclr.errors import FollowOnError
+    from ds_simclr.rank_report import another_rank_failed, report_rank_error, reserve_report
     from ds_simclr.rundir import RunPaths
     from ds_simclr.spec import load_spec
 
+    errors = RunPaths(run_dir).errors if run_dir else None
+    reserve_report(errors)
     try:
         run_training(load_spec(spec_path, overrides), run_dir=run_dir, stop_at=stop_at)
     except UserError as exc:  # under `launch`, which prints it once for the whole job
-        if report_rank_error(RunPaths(run_dir).errors if run_dir else None, exc):
+        if report_rank_error(errors, exc):
             raise typer.Exit(exc.exit_code) from None
+        raise
+    except Exception:  # e.g. a collective broken because that rank left: its report says why
+        if another_rank_failed(errors) and report_rank_error(errors, FollowOnError("another rank failed")):
+            raise typer.Exit(1) from None
         raise
     return 0
 

@@ -179,8 +179,8 @@ class Trainer:
         if self.rank_zero:
             try:
                 self.lock = hold_run_dir(self.paths.lock)
-                point = check_run_dir(self.paths, spec)  # every check before anything is written
                 store = resolve_store(spec.data)  # builds the demo / preprocesses a manifest once
+                point = check_run_dir(self.paths, spec, store)  # every check before anything is written
                 start = plan_start(self.paths, point, store, self.place.world_size)
                 write_run_files(self.paths, spec, self.ds_config)
             except UserError as exc:

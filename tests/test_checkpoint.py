@@ -41,7 +41,7 @@ from ds_simclr.errors import (
     UserError,
     storage_error,
 )
-from ds_simclr.rank_report import clear_reports, read_reports, report_rank_error
+from ds_simclr.rank_report import another_rank_failed, clear_reports, read_reports, report_rank_error, reserve_report
 from ds_simclr.runlock import RunLock, held_by
 from ds_simclr.telemetry import MetricsLog
 
@@ -320,10 +320,12 @@ def test_rank_reports_reach_launch_and_the_real_error_comes_first(tmp_path: Path
     monkeypatch.setenv("RANK", "0")
     assert report_rank_error(errors, FollowOnError("rank 1 failed"))
     monkeypatch.setenv("RANK", "1")
+    reserve_report(errors)
+    assert read_reports(errors)[0].rank == 0  # a reserved file is no report
     assert report_rank_error(errors, UserError("no image matches", where="spec.yaml: data.modalities"))
     first, second = read_reports(errors)
     assert (first.rank, first.line, first.exit_code) == (1, "spec.yaml: data.modalities: no image matches", 2)
-    assert second.follow_on
+    assert second.follow_on and another_rank_failed(errors)
     clear_reports(errors)
     assert read_reports(errors) == []
 

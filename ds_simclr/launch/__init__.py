@@ -77,8 +77,8 @@ def launch(
     dry_run: bool = False,
     echo=print,
 ) -> int:
-    """`ds_simclr launch`: check data, plan, and either print the plan or run it."""
-    from ds_simclr.data.source import check_data_paths
+    """`ds_simclr launch`: check data, plan, and either print the plan or make the data ready and run it."""
+    from ds_simclr.data.source import check_data_paths, resolve_store
 
     with startup_signals_stop():
         try:
@@ -90,4 +90,4 @@ def launch(
         if dry_run:
             echo(describe(chosen, plan))
             return 0
-        return run_plan(chosen, plan)
+        return run_plan(chosen, plan, resolve_store(spec.data))

@@ -39,19 +39,20 @@ def deepspeed_env_file(plan: LaunchPlan) -> Path:
     return path
 
 
-def prepare_run_dir(launcher: Launcher, plan: LaunchPlan, cmd: list[str]) -> None:
+def prepare_run_dir(launcher: Launcher, plan: LaunchPlan, cmd: list[str], store: Path | None = None) -> None:
     """Check, then write spec.yaml, ds_config.json, hostfile and environment.json and forget the
     ranks' reports of an earlier job.
 
     Nothing is written before every check passed: a changed spec, checkpoints of which none is
-    complete (`runstart.check_run_dir`); the batch plan for this world size was made with the plan.
+    complete, another `store` (`runstart.check_run_dir`); the batch plan for this world size was
+    made with the plan.
     """
     from ds_simclr.dsconfig import deepspeed_config
     from ds_simclr.rundir import RunPaths, write_run_files
     from ds_simclr.runstart import check_run_dir
 
     paths = RunPaths(plan.run_dir)
-    check_run_dir(paths, plan.spec)
+    check_run_dir(paths, plan.spec, store)
     with storage_errors("writing the run directory"):
         write_run_files(paths, plan.spec, deepspeed_config(plan.spec, plan.cluster.world_size))
         if launcher.uses_hostfile(plan):

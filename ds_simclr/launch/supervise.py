@@ -172,14 +172,16 @@ class _RankWatch:
             )
 
 
-def run_plan(launcher: Launcher, plan: LaunchPlan) -> int:
+def run_plan(launcher: Launcher, plan: LaunchPlan, store: Path | None = None) -> int:
     """Hold the run directory, check and write it, start the launcher, forward stop signals, and
-    say how the job ended: the exit status (see `errors.py`), or a rank's `UserError` raised here."""
+    say how the job ended: the exit status (see `errors.py`), or a rank's `UserError` raised here.
+
+    `store`: the ready store the ranks will train from (checked against the checkpoint's)."""
     cmd = launcher.build_cmd(plan)
     with storage_errors("creating the run directory"):
         lock = RunLock.acquire(plan.paths.lock)  # a live job's directory is refused before anything is written
     try:
-        prepare_run_dir(launcher, plan, cmd)
+        prepare_run_dir(launcher, plan, cmd, store)
         return _supervise(launcher, plan, cmd, lock)
     finally:
         lock.release()
