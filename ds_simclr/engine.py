@@ -372,8 +372,8 @@ class Trainer:
                 spec.logging.wandb_mode,
                 spec.name or self.paths.root.name,
                 config={"spec": spec.model_dump(mode="json"), "deepspeed": self.ds_config, "world_size": self.place.world_size},
-                resume_step=self.state.step,
             )
+            wandb_run.catch_up(metrics.rows_after(wandb_run.logged_through))
             progress = Progress(total, self.state.step)
         stopped_at_start = dist.any_rank_true(stop.signal is not None)  # during start-up: nothing to save
         result = TrainResult(self.paths.root, self.state.step, stopped_at_start, self.state.skipped_steps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 import warnings
@@ -57,6 +58,11 @@ class MetricsLog:
         if torn or len(kept) != sum(1 for line in lines if line.strip()):
             write_atomic(self.path, [line + "\n" for line in kept])
 
+    def rows_after(self, step: int) -> list[dict[str, Any]]:
+        """The rows of steps after `step` (a resumed job catching W&B up)."""
+        self._file.flush()
+        return [row for row in read_metrics(self.path) if row["step"] > step]
+
     def write(self, row: dict[str, Any]) -> None:
         try:
             self._file.write(json.dumps(row) + "\n")
@@ -76,20 +82,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class WandbRun:
     """One W&B run per run directory, continued by every job that resumes it; `disabled` imports nothing.
 
-    The id is kept in `wandb/run_id`, the last step logged in `wandb/logged_step`. A later job
-    resumes that run (`resume="allow"`, recorded as resumed, also offline) and logs on W&B's own step
-    axis (`_step` = our optimizer step) from `resume_step + 1`, skipping steps an earlier job already
-    logged: syncing the offline folders in order gives one curve, no step logged twice. (Steps
-    logged after the last checkpoint by a killed job keep their first values: bit-identical on CPU.)
+    The id is kept in `wandb/run_id`. A later job resumes that run (`resume="allow"`, recorded as
+    resumed, also offline) and logs on W&B's own step axis (`_step` = our optimizer step). It starts
+    after `logged_through`, the last step W&B holds (the server's, or the newest in the earlier
+    offline folders, read with W&B's own reader): steps a killed job logged after its checkpoint are
+    not logged twice, and steps W&B lost in a kill (its writer buffers) are caught up from
+    `metrics.jsonl` (`catch_up`). Syncing the offline folders in order gives one continuous curve.
     """
 
-    def __init__(
-        self, paths: RunPaths, project: str, entity: str | None, mode: str, name: str, config: dict, resume_step: int = 0
-    ) -> None:
+    def __init__(self, paths: RunPaths, project: str, entity: str | None, mode: str, name: str, config: dict) -> None:
         self._run = None
-        self._logged_file = paths.wandb / "logged_step"
-        logged = self._logged_file.read_text().strip() if self._logged_file.is_file() else ""
-        self.first_step = max(resume_step, int(logged) if logged.isdigit() else 0) + 1
+        self.logged_through = 0
         if mode == "disabled":
             return
         import wandb
@@ -112,13 +115,21 @@ class WandbRun:
             warnings.warn(f"W&B online start failed ({exc}); logging offline instead", stacklevel=2)
             self._run = wandb.init(mode="offline", **kwargs)
         self._run.define_metric("*", step_metric="step")
+        if resumed:
+            offline = [folder for folder in paths.wandb.glob(f"offline-run-*-{run_id}")]
+            self.logged_through = max([self._run.step - 1, *(_last_history_step(folder) for folder in offline)])
 
     @property
     def run_id(self) -> str | None:
         return self._run.id if self._run is not None else None
 
+    def catch_up(self, rows: list[dict[str, Any]]) -> None:
+        """Log the kept metrics rows that W&B does not hold (after `logged_through`)."""
+        for row in rows:
+            self.log(row)
+
     def log(self, row: dict[str, Any], images: dict[str, Any] | None = None) -> None:
-        if self._run is None or row["step"] < self.first_step:
+        if self._run is None or row["step"] <= self.logged_through:
             return
         payload = dict(row)
         if images:
@@ -126,12 +137,29 @@ class WandbRun:
 
             payload.update({key: wandb.Image(value) for key, value in images.items()})
         self._run.log(payload, step=row["step"])
-        write_atomic(self._logged_file, f"{row['step']}\n")
+        self.logged_through = row["step"]
 
     def close(self) -> None:
         if self._run is not None:
             self._run.finish()
             self._run = None
+
+
+def _last_history_step(folder: Path) -> int:
+    """The highest `step` an offline run folder holds, read with W&B's own reader (0 if unreadable)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(folder)],
+                             capture_output=True, text=True, timeout=300).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    last = 0
+    for line in out.splitlines():
+        if '"history"' in line:
+            try:
+                last = max(last, int(json.loads(line)["history"]["item"]["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
 
 
 BAR_WIDTH = 24
