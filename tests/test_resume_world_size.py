@@ -20,8 +20,10 @@ from multiproc import run_ranks
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS, CUT = 6, 3
-TOLERANCE = 1e-4
-"""Relative loss difference allowed over the 3 steps after the cut (measured: see the printout)."""
+TOLERANCE = 2e-6
+"""Relative loss difference allowed over the 3 steps after the cut. Measured: at most 3.2e-7 (2 -> 1)
+and 1.2e-7 (1 -> 2), the rounding of 1 vs 2 ranks; Adam moments lost in the conversion would make
+the first resumed update a full +-lr step (~1e-3 here)."""
 
 
 def _train(mapping: dict) -> dict[str, Any]:
