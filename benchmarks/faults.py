@@ -72,6 +72,7 @@ class Campaign:
             f"output_dir={out}", f"data.cache_dir={self.cache}", "logging.wandb_mode=disabled",
             f"train.max_steps={self.steps}", f"checkpoint.every_steps={self.every}", "checkpoint.keep_last=2",
             "logging.log_every=1", "logging.image_every=0", "distributed.launcher=torchrun",
+            "model.head_hidden=1024",  # ~12 MB of optimizer state: a checkpoint write lasts long enough to hit
         ]
         return [sys.executable, "-m", "ds_simclr.cli", "launch", str(QUICKSTART), *[a for s in sets for a in ("--set", s)]]
 
@@ -153,8 +154,9 @@ class Campaign:
             staging = run / "checkpoints" / ".staging"
             while proc.poll() is None and not any(p.name.startswith("step_") for p in safe_listdir(staging)):
                 time.sleep(0.005)
-            trial.detail = "SIGKILL to a rank while it wrote " + ",".join(p.name for p in safe_listdir(staging))
+            writing = [p.name for p in safe_listdir(staging) if p.name.startswith("step_")]
             self.kill_a_rank(run)
+            trial.detail = f"SIGKILL to a rank while it wrote {','.join(writing)}"
         elif not self.wait_rows(proc, run, at):
             pass
         else:
@@ -174,6 +176,9 @@ class Campaign:
                 trial.detail = f"{sig.name} to launch after step {len(rows(run))}"
                 proc.send_signal(sig)
         rc = self.finish(proc)
+        if kind == "kill_rank_in_checkpoint":
+            done = all((run / "checkpoints" / tag / "complete.json").is_file() for tag in writing)
+            trial.detail += " (it completed nonetheless)" if done else " (left incomplete)"
         if rc == 0:
             trial.detail += "; the run had finished before the fault: not counted"
             trial.kind = "none"
