@@ -207,6 +207,40 @@ def test_a_signal_during_start_up_exits_75(tmp_path: Path, demo_cache: Path) -> 
     assert "step 1/" not in text  # stopped before the first step
 
 
+def _processes_naming(run_dir: Path) -> list[int]:
+    """Processes whose command line names the run directory (launchers, per-node agents, ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run_dir).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_killing_launch_ends_the_deepspeed_launchers_ranks(tmp_path: Path, demo_cache: Path) -> None:
+    """The DeepSpeed launcher runs a per-node `launch.py` between itself and the ranks: the ranks'
+    watch on `launch` ends them when `kill -9` takes `launch` (the torchrun case: the campaign)."""
+    cmd = [*launch_cmd(tmp_path, demo_cache, "train.max_steps=500"), "--set", "distributed.launcher=deepspeed"]
+    run_dir, log = tmp_path / "quickstart", tmp_path / "launch.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_processes_naming(run_dir)) >= 3, log.read_text()[-2000:]  # runner, launch.py, 2 ranks
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while _processes_naming(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_naming(run_dir)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "processes outlived launch"
+
+
 # ------------------------------------------------------------------ W&B
 
 

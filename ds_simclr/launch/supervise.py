@@ -177,10 +177,11 @@ def run_plan(launcher: Launcher, plan: LaunchPlan, store: Path | None = None) ->
     say how the job ended: the exit status (see `errors.py`), or a rank's `UserError` raised here.
 
     `store`: the ready store the ranks will train from (checked against the checkpoint's)."""
-    cmd = launcher.build_cmd(plan)
     with storage_errors("creating the run directory"):
         lock = RunLock.acquire(plan.paths.lock)  # a live job's directory is refused before anything is written
     try:
+        plan.env.update({LOCK_ENV: lock.token, LAUNCH_ENV: launch_identity()})  # for the ranks on every host
+        cmd = launcher.build_cmd(plan)
         prepare_run_dir(launcher, plan, cmd, store)
         return _supervise(launcher, plan, cmd, lock)
     finally:
@@ -188,7 +189,7 @@ def run_plan(launcher: Launcher, plan: LaunchPlan, store: Path | None = None) ->
 
 
 def _supervise(launcher: Launcher, plan: LaunchPlan, cmd: list[str], lock: RunLock) -> int:
-    env = {**os.environ, **plan.env, LOCK_ENV: lock.token, LAUNCH_ENV: launch_identity()}
+    env = {**os.environ, **plan.env}
     if isinstance(launcher, DeepSpeedLauncher) and not plan.cluster.is_local:
         env["DS_ENV_FILE"] = str(deepspeed_env_file(plan))
     log(f"{plan.cluster.world_size} ranks on {', '.join(plan.cluster.hosts)}; run dir {plan.run_dir}")
