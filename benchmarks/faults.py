@@ -151,11 +151,17 @@ class Campaign:
         proc = self.start(out, log)
         at = self.rng.randint(1, self.steps - 2)
         if kind == "kill_rank_in_checkpoint":
+            pids: list[int] = []
+            while proc.poll() is None and len(pids) < 2:
+                pids = rank_pids(run)
+                time.sleep(0.1)
+            victim = self.rng.choice(pids) if pids else None
             staging = run / "checkpoints" / ".staging"
             while proc.poll() is None and not any(p.name.startswith("step_") for p in safe_listdir(staging)):
-                time.sleep(0.005)
+                time.sleep(0.002)
             writing = [p.name for p in safe_listdir(staging) if p.name.startswith("step_")]
-            self.kill_a_rank(run)
+            if victim is not None:
+                os.kill(victim, signal.SIGKILL)
             trial.detail = f"SIGKILL to a rank while it wrote {','.join(writing)}"
         elif not self.wait_rows(proc, run, at):
             pass
@@ -311,11 +317,11 @@ def summary(trials: list[Trial]) -> str:
     return "\n".join(lines)
 
 
-def schedule(trials: int, rng: random.Random) -> list[str]:
+def schedule(trials: int, rng: random.Random, kinds: tuple[str, ...] = KINDS) -> list[str]:
     """Every kind in turn (so each is tried), in a shuffled order."""
-    kinds = [KINDS[i % len(KINDS)] for i in range(trials)]
-    rng.shuffle(kinds)
-    return kinds
+    drawn = [kinds[i % len(kinds)] for i in range(trials)]
+    rng.shuffle(drawn)
+    return drawn
 
 
 def main() -> int:
@@ -326,6 +332,7 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/ds_simclr").expanduser())
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="faults to draw from")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="ds_simclr_faults_"))
     root.mkdir(parents=True, exist_ok=True)
@@ -334,7 +341,7 @@ def main() -> int:
     campaign.run_baseline()
     print(f"uninterrupted run: {args.steps} steps, final loss {campaign.baseline[-1]['loss']!r}", flush=True)
     trials = []
-    for i, kind in enumerate(schedule(args.trials, campaign.rng), 1):
+    for i, kind in enumerate(schedule(args.trials, campaign.rng, tuple(args.kinds)), 1):
         trial = campaign.trial(kind)
         trials.append(trial)
         print(f"{i:3d} {trial.kind:<24} {'survived' if trial.survived else 'LOST':<9} {trial.detail}", flush=True)
