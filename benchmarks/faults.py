@@ -149,40 +149,32 @@ class Campaign:
         out = self.fresh_dir(kind)
         run, log = out / "quickstart", out / "first.log"
         proc = self.start(out, log)
-        at = self.rng.randint(1, self.steps - 2)
+        second = self.second_job(proc, out) if kind == "kill_launcher" else None
+        # SIGUSR1 after the second checkpoint: the stopped run is then also the one the faults on disk
+        # start from (they need a checkpoint to fall back to)
+        at = self.rng.randint(2 * self.every + 1 if kind == "sigusr1" else 1, self.steps - 3)
+        writing: list[str] = []
         if kind == "kill_rank_in_checkpoint":
-            pids: list[int] = []
-            while proc.poll() is None and len(pids) < 2:
-                pids = rank_pids(run)
-                time.sleep(0.1)
-            victim = self.rng.choice(pids) if pids else None
-            staging = run / "checkpoints" / ".staging"
-            while proc.poll() is None and not any(p.name.startswith("step_") for p in safe_listdir(staging)):
-                time.sleep(0.002)
-            writing = [p.name for p in safe_listdir(staging) if p.name.startswith("step_")]
-            if victim is not None:
-                os.kill(victim, signal.SIGKILL)
+            writing = self.kill_in_checkpoint(proc, run)
             trial.detail = f"SIGKILL to a rank while it wrote {','.join(writing)}"
-        elif not self.wait_rows(proc, run, at):
-            pass
-        else:
-            time.sleep(self.rng.uniform(0.0, 1.0))
+        elif self.wait_rows(proc, run, at):
+            time.sleep(self.rng.uniform(0.0, 0.3))  # somewhere inside the next step
+            step = len(rows(run))
             if kind == "kill_rank":
-                trial.detail = f"SIGKILL to a rank after step {len(rows(run))}"
+                trial.detail = f"SIGKILL to a rank after step {step}"
                 self.kill_a_rank(run)
             elif kind == "kill_launcher":
-                tied, trial.detail = self.kill_launcher(proc, out)
+                tied, trial.detail = self.kill_launcher(proc, run, second)
                 if not tied:
-                    for pid in rank_pids(run):
-                        os.kill(pid, signal.SIGKILL)
-                    self.finish(proc)
                     return trial
             else:
                 sig = signal.SIGTERM if kind == "sigterm" else signal.SIGUSR1
-                trial.detail = f"{sig.name} to launch after step {len(rows(run))}"
+                trial.detail = f"{sig.name} to launch after step {step}"
                 proc.send_signal(sig)
         rc = self.finish(proc)
-        if kind == "kill_rank_in_checkpoint":
+        if second is not None and second.returncode is None:
+            second.communicate(timeout=TIMEOUT_S)
+        if writing:
             done = all((run / "checkpoints" / tag / "complete.json").is_file() for tag in writing)
             trial.detail += " (it completed nonetheless)" if done else " (left incomplete)"
         if rc == 0:
@@ -192,29 +184,55 @@ class Campaign:
         if kind in ("sigterm", "sigusr1") and rc != 75:
             trial.detail += f"; launch exited {rc}, not 75"
             return trial
+        if kind == "sigusr1" and self._snapshot is None:
+            self._snapshot = self.root / "snapshot"
+            shutil.copytree(out, self._snapshot)
         self.relaunch_and_check(trial, out)
         return trial
+
+    def kill_in_checkpoint(self, proc: subprocess.Popen, run: Path) -> list[str]:
+        """SIGKILL a rank (chosen beforehand) as soon as a checkpoint's staging folder appears."""
+        pids: list[int] = []
+        while proc.poll() is None and len(pids) < 2:
+            pids = rank_pids(run)
+            time.sleep(0.1)
+        staging = run / "checkpoints" / ".staging"
+        while proc.poll() is None and not any(p.name.startswith("step_") for p in safe_listdir(staging)):
+            time.sleep(0.002)
+        writing = [p.name for p in safe_listdir(staging) if p.name.startswith("step_")]
+        if pids:
+            os.kill(self.rng.choice(pids), signal.SIGKILL)
+        return writing
 
     def kill_a_rank(self, run: Path) -> None:
         pids = rank_pids(run)
         if pids:
             os.kill(self.rng.choice(pids), signal.SIGKILL)
 
-    def kill_launcher(self, proc: subprocess.Popen, out: Path) -> tuple[bool, str]:
-        """A second job must be refused while the first runs; `kill -9` of the first's process group
-        must take its ranks with it."""
-        run = out / "quickstart"
-        second = subprocess.run(self.command(out), capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S)
-        refused = second.returncode == 2 and "another job holds this run directory" in second.stderr
+    def second_job(self, first: subprocess.Popen, out: Path) -> subprocess.Popen:
+        """The same command again, started once the first job holds the run directory."""
+        lock = out / "quickstart" / "lock"
+        while first.poll() is None and not lock.is_file():
+            time.sleep(0.05)
+        return subprocess.Popen(self.command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=REPO)
+
+    def kill_launcher(self, proc: subprocess.Popen, run: Path, second: subprocess.Popen) -> tuple[bool, str]:
+        """The second job must have been refused; `kill -9` of the first's process group must take
+        its launcher and ranks with it."""
+        output = second.communicate(timeout=TIMEOUT_S)[0]
+        refused = second.returncode == 2 and "another job holds this run directory" in output
         step = len(rows(run))
         os.killpg(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while rank_pids(run) and time.monotonic() < deadline:
             time.sleep(0.1)
         left = rank_pids(run)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
         detail = (
             f"kill -9 of launch's process group after step {step}; a second job meanwhile: "
-            + ("refused" if refused else f"NOT refused ({second.returncode}: {tail(second.stderr)})")
+            + ("refused" if refused else f"NOT refused ({second.returncode}: {tail(output)})")
             + ("; its ranks died with it" if not left else f"; ranks {left} outlived it")
         )
         return refused and not left, detail
@@ -222,7 +240,8 @@ class Campaign:
     # ------------------------------------------------------------------ faults on disk
 
     def stopped_run(self) -> Path:
-        """A run stopped by SIGUSR1 after its second checkpoint (made once, copied per trial)."""
+        """A run stopped by SIGUSR1 after its second checkpoint (that of the first sigusr1 trial, or
+        made here once), copied for each fault on disk."""
         if self._snapshot is None:
             out = self.root / "snapshot"
             run, log = out / "quickstart", out / "first.log"
