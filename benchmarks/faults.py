@@ -191,18 +191,19 @@ class Campaign:
         return trial
 
     def kill_in_checkpoint(self, proc: subprocess.Popen, run: Path) -> list[str]:
-        """SIGKILL a rank (chosen beforehand) as soon as a checkpoint's staging folder appears."""
+        """SIGKILL a rank (chosen beforehand) as soon as the staging folder of a random checkpoint
+        (not the last) appears."""
         pids: list[int] = []
         while proc.poll() is None and len(pids) < 2:
             pids = rank_pids(run)
             time.sleep(0.1)
+        tag = f"step_{self.every * self.rng.randint(1, max(1, (self.steps - 1) // self.every))}"
         staging = run / "checkpoints" / ".staging"
-        while proc.poll() is None and not any(p.name.startswith("step_") for p in safe_listdir(staging)):
+        while proc.poll() is None and not (staging / tag).exists():
             time.sleep(0.002)
-        writing = [p.name for p in safe_listdir(staging) if p.name.startswith("step_")]
         if pids:
             os.kill(self.rng.choice(pids), signal.SIGKILL)
-        return writing
+        return [tag]
 
     def kill_a_rank(self, run: Path) -> None:
         pids = rank_pids(run)
