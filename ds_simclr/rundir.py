@@ -20,7 +20,8 @@ import yaml
 from ds_simclr.atomic import write_atomic
 from ds_simclr.checkpoint import read_latest, step_tags
 from ds_simclr.errors import SpecError
-from ds_simclr.spec import RESUME_MUTABLE_FIELDS, RunSpec, dump_spec
+from ds_simclr.spec import RESUME_MUTABLE_FIELDS, RunSpec
+from ds_simclr.specload import dump_spec
 
 
 @dataclass(frozen=True)

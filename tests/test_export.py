@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 def _train_and_keep_weights(mapping: dict) -> dict[str, torch.Tensor]:
     from ds_simclr.engine import Trainer
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     trainer = Trainer(spec_from_mapping(mapping))
     trainer.run()
@@ -60,7 +60,7 @@ def test_the_recipe_exports_as_nnssl_resencl() -> None:
     from helpers import CONFIGS
 
     from ds_simclr.export import adaptation_plan
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     plan = adaptation_plan(load_spec(CONFIGS / "ssl3d_resencl_3x4.yaml"), None)
     assert plan["architecture_plans"] == {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None}

@@ -74,10 +74,12 @@ def test_fault_campaign(tmp_path: Path, demo_cache: Path) -> None:
 
 
 def launch_cmd(out: Path, cache: Path, *overrides: str) -> list[str]:
+    """The quickstart launch with one `--set` per field (`overrides` replace these defaults)."""
     sets = [f"output_dir={out}", f"data.cache_dir={cache}", "logging.wandb_mode=disabled", "logging.image_every=0",
             "distributed.launcher=torchrun", *overrides]
+    by_field = {s.partition("=")[0]: s for s in sets}
     return [sys.executable, "-m", "ds_simclr.cli", "launch", str(REPO / "ds_configs" / "quickstart.yaml"),
-            *[arg for s in sets for arg in ("--set", s)]]
+            *[arg for s in by_field.values() for arg in ("--set", s)]]
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -158,8 +160,8 @@ def test_too_many_nonfinite_steps_have_their_own_status(tmp_path: Path, demo_cac
         data = np.load(volume, mmap_mode="r+")
         data[...] = np.inf
         data.flush()
-    cmd = [*launch_cmd(tmp_path, demo_cache, "train.max_steps=30", "train.max_nonfinite_steps=2"),
-           "--set", "data.demo=false", "--set", f"data.store={store}"]
+    cmd = launch_cmd(tmp_path, demo_cache, "train.max_steps=30", "train.max_nonfinite_steps=2", "data.demo=false",
+                     f"data.store={store}")
     result = run(cmd)
     assert result.returncode == EXIT_NONFINITE, result.stderr[-3000:]
     errors = error_lines(result.stderr)
@@ -173,12 +175,12 @@ def test_refused_resumes_overwrite_nothing(tmp_path: Path, demo_cache: Path) -> 
     differs from the checkpoint's): one line, exit 2, nothing in the run directory rewritten."""
     store = tmp_path / "store"
     shutil.copytree(demo_cache / "demo" / "store", store)
-    cmd = [*launch_cmd(tmp_path, demo_cache, "train.max_steps=3"), "--set", "data.demo=false", "--set", f"data.store={store}"]
-    assert run(cmd).returncode == 0
+    cmd = [*launch_cmd(tmp_path, demo_cache, "data.demo=false", f"data.store={store}"), "--set"]
+    assert run([*cmd, "train.max_steps=3"]).returncode == 0
     run_dir = tmp_path / "quickstart"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
 
-    result = run([*cmd, "--set", "distributed.procs_per_node=3", "--set", "train.max_steps=4"])
+    result = run([*cmd, "train.max_steps=4", "--set", "distributed.procs_per_node=3"])
     assert result.returncode == 2, result.stderr[-2000:]
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "cannot be split over 3 ranks" in errors[0]
@@ -186,7 +188,7 @@ def test_refused_resumes_overwrite_nothing(tmp_path: Path, demo_cache: Path) -> 
 
     index = store / "store.json"
     index.write_text(json.dumps({**json.loads(index.read_text()), "rebuilt": True}))  # same path, another store
-    result = run([*cmd, "--set", "train.max_steps=4"])
+    result = run([*cmd, "train.max_steps=4"])
     assert result.returncode == 2, result.stderr[-3000:]
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "step_3 was trained on a store with identity" in errors[0], result.stderr[-3000:]
@@ -227,7 +229,7 @@ def _processes_naming(run_dir: Path) -> list[int]:
 def test_killing_launch_ends_the_deepspeed_launchers_ranks(tmp_path: Path, demo_cache: Path) -> None:
     """The DeepSpeed launcher runs a per-node `launch.py` between itself and the ranks: the ranks'
     watch on `launch` ends them when `kill -9` takes `launch` (the torchrun case: the campaign)."""
-    cmd = [*launch_cmd(tmp_path, demo_cache, "train.max_steps=500"), "--set", "distributed.launcher=deepspeed"]
+    cmd = launch_cmd(tmp_path, demo_cache, "train.max_steps=500", "distributed.launcher=deepspeed")
     run_dir, log = tmp_path / "quickstart", tmp_path / "launch.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
@@ -265,8 +267,7 @@ def test_a_resumed_job_continues_the_offline_wandb_run(tmp_path: Path, demo_cach
     keeps only what its writer had flushed (often nothing: it flushes every 15 s). The second job
     continues the same run, catching up from metrics.jsonl what W&B lost: every step 1..6 exactly
     once over the two offline folders, with the losses of metrics.jsonl."""
-    cmd = [*launch_cmd(tmp_path, demo_cache, "train.max_steps=6", "checkpoint.every_steps=2"),
-           "--set", "logging.wandb_mode=offline"]
+    cmd = launch_cmd(tmp_path, demo_cache, "train.max_steps=6", "checkpoint.every_steps=2", "logging.wandb_mode=offline")
     run_dir, log = tmp_path / "quickstart", tmp_path / "first.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"

@@ -16,7 +16,7 @@ from helpers import CONFIGS, REPO
 
 from ds_simclr.cli import main
 from ds_simclr.schedule import planned_lrs
-from ds_simclr.spec import load_spec
+from ds_simclr.specload import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

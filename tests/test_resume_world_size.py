@@ -28,7 +28,7 @@ the first resumed update a full +-lr step (~1e-3 here)."""
 
 def _train(mapping: dict) -> dict[str, Any]:
     from ds_simclr.engine import Trainer
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     trainer = Trainer(spec_from_mapping(mapping))
     start = trainer.start
