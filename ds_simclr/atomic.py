@@ -57,11 +57,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def write_atomic(path: Path, data: str | bytes | Iterable[str]) -> None:
-    """Write `data` to `path` atomically: bytes, text (UTF-8), or text chunks (written as they come,
-    so a large file need not be in memory)."""
+def write_atomic(path: Path, data: str | bytes | memoryview | Iterable[str]) -> None:
+    """Write `data` to `path` atomically: bytes (or a memoryview of them, not copied), text (UTF-8),
+    or text chunks (written as they come, so a large file need not be in memory)."""
     with atomic_path(path) as tmp:
-        if isinstance(data, bytes):
+        if isinstance(data, (bytes, memoryview)):
             tmp.write_bytes(data)
         else:
             with tmp.open("w", encoding="utf-8") as out:

@@ -24,7 +24,6 @@ from step 0. DeepSpeed's own APIs do the rest (`save_checkpoint`, `load_checkpoi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -221,10 +220,10 @@ def check_store(point: ResumePoint, identity: str | None, store: Path) -> None:
 
 
 def store_identity(store: Path) -> str:
-    """A short hash of the store's index: equal for the same preprocessed images."""
-    from ds_simclr.data.store import INDEX_NAME
+    """A short hash of the store's index (`store.index_digest`): equal for the same preprocessed images."""
+    from ds_simclr.data.store import index_digest
 
-    return hashlib.sha256((Path(store) / INDEX_NAME).read_bytes()).hexdigest()[:16]
+    return index_digest(store)[:16]
 
 
 # ------------------------------------------------------------------ writing and pruning

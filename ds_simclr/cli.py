@@ -244,11 +244,9 @@ def data_preprocess(
     from ds_simclr.data.preprocess import preprocess
 
     report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True, foreground=foreground)
-    typer.echo(
-        f"{len(report.processed)} preprocessed, {len(report.reused)} reused, {len(report.skipped)} skipped -> {out}"
-    )
-    for skipped in report.skipped:
-        typer.echo(f"  skipped {skipped['path']}: {skipped['reason']}", err=True)
+    typer.echo(report.summary())
+    for line in report.skipped_lines():
+        typer.echo(line, err=True)
 
 
 @bench_app.command("views")

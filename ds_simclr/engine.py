@@ -186,6 +186,7 @@ class Trainer:
 
         self.spec = spec
         self.stop = stop
+        store = resolve_store(spec.data, spec.where("data"))  # made complete by `launch`; never built here
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
         self.batch: BatchPlan = plan_batch(spec, self.place.world_size)
         self.ds_config = deepspeed_config(spec, self.place.world_size)
@@ -199,7 +200,6 @@ class Trainer:
         if self.rank_zero:
             try:
                 self.lock = hold_run_dir(self.paths.lock)
-                store = resolve_store(spec.data)  # builds the demo / preprocesses a manifest once
                 point = check_run_dir(self.paths, spec, store)  # every check before anything is written
                 start = plan_start(self.paths, point, store, self.place.world_size)
                 write_run_files(self.paths, spec, self.ds_config)
@@ -209,13 +209,12 @@ class Trainer:
                 failure = storage_error(exc, "preparing the run directory")
                 if failure is None:
                     raise
-        if not dist.all_ranks_true(failure is None):  # also the barrier: the others wait for the data
+        if not dist.all_ranks_true(failure is None):  # also the barrier: the others wait for the checks
             if self.lock is not None:
                 self.lock.release()
-            raise failure or FollowOnError("rank 0 could not prepare the run directory or the data (its error says why)")
+            raise failure or FollowOnError("rank 0 could not prepare the run directory (its error says why)")
         start = _broadcast(start)
         self.store_identity = start.store_identity
-        store = resolve_store(spec.data)
         environment = _environment(self.place)
         if self.rank_zero:  # keep what `launch` recorded (launcher, command, SLURM job), add the ranks' view
             path = self.paths.environment

@@ -28,6 +28,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "output_dir",
         "data.num_workers",
         "data.prefetch",
+        "data.max_open_files",
         "data.cache_dir",
         "views.device",
         "train.activation_checkpointing",
@@ -256,7 +257,8 @@ class DistributedSpec(StrictModel):
 
     timeout_minutes: float = Field(10.0, gt=0.0, le=24 * 60.0)
     """Collective time-out: a rank that waits longer on a collective fails the job (DeepSpeed's
-    default is 30 minutes)."""
+    default is 30 minutes). Starting ranks wait up to 30 minutes for each other whatever it says,
+    and data is made ready before the ranks start, so neither counts against it."""
 
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; `auto` = nccl with GPUs, gloo on CPU."""

@@ -28,10 +28,12 @@ from ds_simclr.checkpoint import (
     needs_universal,
     prune,
     staging_folder,
+    store_identity,
     verify,
     write_latest,
     write_marker,
 )
+from ds_simclr.data.store import write_index
 from ds_simclr.errors import (
     EXIT_CANTCREAT,
     EXIT_IOERR,
@@ -193,6 +195,24 @@ def test_another_store_is_refused(checkpoints: Path) -> None:
     check_store(point, "abc", Path("/store"))
     with pytest.raises(CheckpointError, match="trained on a store with identity abc"):
         check_store(point, "def", Path("/other"))
+
+
+def test_store_identity_follows_the_images_not_the_index_file(tmp_path: Path) -> None:
+    """A rebuild of the same images (a new index file) keeps the identity; another image set, order,
+    padding value or modality changes it."""
+    ids, shapes, pads, modalities = ["a", "b", "c"], [(4, 5, 6), (5, 5, 5), (6, 5, 4)], [-1.0, -2.0, -3.0], ["T1w", "T2w", "T1w"]
+    write_index(tmp_path, ids, shapes, pads, modalities)
+    first = store_identity(tmp_path)
+    write_index(tmp_path, ids, shapes, pads, modalities)
+    assert store_identity(tmp_path) == first
+    for changed in (
+        (ids[:2], shapes[:2], pads[:2], modalities[:2]),
+        (["a", "c", "b"], shapes, pads, modalities),
+        (ids, shapes, [-1.0, -2.0, -3.5], modalities),
+        (ids, shapes, pads, ["T1w", "T1w", "T1w"]),
+    ):
+        write_index(tmp_path, *changed)
+        assert store_identity(tmp_path) != first
 
 
 def test_universal_conversion_is_needed_only_for_sharded_state_on_another_world_size(checkpoints: Path) -> None:

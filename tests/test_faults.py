@@ -32,6 +32,8 @@ import pytest
 from helpers import REPO
 
 from ds_simclr.checkpoint import find_resume_point
+from ds_simclr.data.demo import demo_store_path
+from ds_simclr.data.store import read_index, write_index
 from ds_simclr.errors import EXIT_CANTCREAT, EXIT_IOERR, EXIT_NONFINITE, EXIT_STOPPED
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -142,11 +144,20 @@ def test_a_full_or_read_only_run_directory_at_start_is_one_line(tmpfs: Path, dem
 # ------------------------------------------------------------------ errors a rank finds
 
 
-def test_a_user_error_found_on_the_ranks_is_the_jobs_one_line(tmp_path: Path, demo_cache: Path) -> None:
-    result = run(launch_cmd(tmp_path, demo_cache, "train.max_steps=2", "data.modalities=[FLAIR]"))
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("distributed.backend=nccl", "nccl needs CUDA GPUs and this rank has none"),  # found by every rank
+        ("data.modalities=[FLAIR]", "no images of modalities ['FLAIR']"),  # found by launch, which makes the data ready
+    ],
+)
+def test_a_user_error_found_on_the_ranks_is_the_jobs_one_line(
+    tmp_path: Path, demo_cache: Path, setting: str, message: str
+) -> None:
+    result = run(launch_cmd(tmp_path, demo_cache, "train.max_steps=2", setting))
     assert result.returncode == 2, result.stderr[-3000:]
     errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "no images of modalities ['FLAIR']" in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "run the same command" not in result.stderr
 
 
@@ -155,7 +166,7 @@ def test_too_many_nonfinite_steps_have_their_own_status(tmp_path: Path, demo_cac
     import numpy as np
 
     store = tmp_path / "store"
-    shutil.copytree(demo_cache / "demo" / "store", store)
+    shutil.copytree(demo_store_path(demo_cache), store)
     for volume in store.rglob("*.npy"):
         data = np.load(volume, mmap_mode="r+")
         data[...] = np.inf
@@ -174,7 +185,7 @@ def test_refused_resumes_overwrite_nothing(tmp_path: Path, demo_cache: Path) -> 
     """A world size that cannot split the batch, and another store at the same path (its identity
     differs from the checkpoint's): one line, exit 2, nothing in the run directory rewritten."""
     store = tmp_path / "store"
-    shutil.copytree(demo_cache / "demo" / "store", store)
+    shutil.copytree(demo_store_path(demo_cache), store)
     cmd = [*launch_cmd(tmp_path, demo_cache, "data.demo=false", f"data.store={store}"), "--set"]
     assert run([*cmd, "train.max_steps=3"]).returncode == 0
     run_dir = tmp_path / "quickstart"
@@ -186,8 +197,8 @@ def test_refused_resumes_overwrite_nothing(tmp_path: Path, demo_cache: Path) -> 
     assert len(errors) == 1 and "cannot be split over 3 ranks" in errors[0]
     assert "world sizes that work: 1, 2, 4, 8, 16" in errors[0]
 
-    index = store / "store.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "rebuilt": True}))  # same path, another store
+    head, (ids, shapes, pad_values, codes) = read_index(store)  # same path, another store: one image fewer
+    write_index(store, [i.decode() for i in ids[1:]], shapes[1:], pad_values[1:], [head["modalities"][c] for c in codes[1:]])
     result = run([*cmd, "train.max_steps=4"])
     assert result.returncode == 2, result.stderr[-3000:]
     errors = error_lines(result.stderr)

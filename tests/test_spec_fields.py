@@ -52,7 +52,7 @@ def _dotted(spec: RunSpec, field: str) -> object:
 def ctx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Context:
     """Two real stores (T1 + EPI, T1 only) built from manifests in a cache, a second cache, a hostfile."""
     from ds_simclr.data.options import DataSpec
-    from ds_simclr.data.source import resolve_store
+    from ds_simclr.data.source import prepare_store
 
     root = tmp_path_factory.mktemp("walk")
     rows = []
@@ -74,7 +74,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
     }
     assets["hostfile"].write_text("node-a slots=2\nnode-b slots=2\n")
     for name in ("both", "t1"):
-        assets[f"store_{name}"] = resolve_store(DataSpec(manifest=assets[f"manifest_{name}"], cache_dir=assets["cache"]))
+        data = DataSpec(manifest=assets[f"manifest_{name}"], cache_dir=assets["cache"])
+        assets[f"store_{name}"] = prepare_store(data, jobs=1, nodes=1, echo=lambda line: None)
     return Context(assets, demo_cache=lambda: request.getfixturevalue("demo_cache"))
 
 

@@ -39,6 +39,7 @@ from ds_simclr.launch.launchers import (
 from ds_simclr.launch.prepare import prepare_run_dir
 from ds_simclr.launch.supervise import (
     is_rank_cmdline,
+    log,
     rank_pids,
     remote_signal_cmd,
     run_plan,
@@ -57,10 +58,12 @@ __all__ = [
     "MpirunLauncher",
     "TorchrunLauncher",
     "describe",
+    "describe_data",
     "discover_cluster",
     "is_rank_cmdline",
     "launch",
     "make_plan",
+    "prepare_data",
     "prepare_run_dir",
     "rank_pids",
     "remote_signal_cmd",
@@ -77,8 +80,15 @@ def launch(
     dry_run: bool = False,
     echo=print,
 ) -> int:
-    """`ds_simclr launch`: check data, plan, and either print the plan or make the data ready and run it."""
-    from ds_simclr.data.source import check_data_paths, resolve_store
+    """`ds_simclr launch`: check data, plan, and either print the plan or make the data ready and run it.
+
+    Order: every check that needs no data (paths, the batch plan for this world size, the run
+    directory: spec changes, complete checkpoints) before the data is made ready, so a refusal never
+    waits for preprocessing; the store against the checkpoint's after it; writing last.
+    """
+    from ds_simclr.data.source import check_data_paths
+    from ds_simclr.rundir import RunPaths
+    from ds_simclr.runstart import check_run_dir
 
     with startup_signals_stop():
         try:
@@ -89,5 +99,50 @@ def launch(
         chosen, plan = make_plan(spec, launcher, hostfile)
         if dry_run:
             echo(describe(chosen, plan))
+            echo(describe_data(spec, plan.cluster))
             return 0
-        return run_plan(chosen, plan, resolve_store(spec.data))
+        check_run_dir(RunPaths(plan.run_dir), spec)
+        store = prepare_data(spec, plan.cluster)
+        return run_plan(chosen, plan, store)
+
+
+def describe_data(spec: RunSpec, cluster: Cluster) -> str:
+    """The `--dry-run` line saying whether the store is ready or what `launch` would do first."""
+    from ds_simclr.data.source import cores, preprocess_command, store_path
+    from ds_simclr.data.store import read_head, store_ready
+
+    store = store_path(spec.data)
+    if store_ready(store):
+        return f"data         store {store} (ready, {read_head(store)['images']} volumes)"
+    if spec.data.demo:
+        return f"data         demo store {store}: built first ({cores()} processes)"
+    if cluster.nodes > 1:
+        return (
+            f"data         store {store} is not preprocessed: launch refuses on {cluster.nodes} nodes;"
+            f" run `{preprocess_command(spec.data)}` first"
+        )
+    return f"data         {spec.data.manifest} -> store {store}: preprocessed first ({cores()} processes)"
+
+
+def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> Path:
+    """Make the store complete before any rank starts (the collective time-out then bounds only
+    collectives), and say when the dataset is smaller than the global batch; returns the store."""
+    from ds_simclr.data.sampling import repeated_pairs
+    from ds_simclr.data.source import cores, prepare_store
+    from ds_simclr.data.store import PatchStore
+
+    try:
+        store = prepare_store(spec.data, jobs=cores(), nodes=cluster.nodes, echo=echo)
+        volumes = len(PatchStore(store, spec.data.modalities))
+    except DataError as exc:
+        if exc.where and exc.where.startswith("data."):
+            exc.where = spec.where(exc.where)
+        raise
+    batch = spec.train.global_batch
+    repeats = repeated_pairs(volumes, batch)
+    if repeats:
+        echo(
+            f"the store has {volumes} volumes, fewer than the global batch of {batch} pairs: {repeats} pairs"
+            " of every step repeat a volume (false negatives for NT-Xent); more volumes or a smaller batch avoid it"
+        )
+    return store
