@@ -279,13 +279,14 @@ class DistributedSpec(StrictModel):
 
 
 class CheckpointSpec(StrictModel):
-    """DeepSpeed checkpoints under `<run>/checkpoints/step_<N>`."""
+    """DeepSpeed checkpoints under `<run>/checkpoints/step_<N>`, each counted only once complete."""
 
     every_steps: int = Field(500, ge=1)
-    """Save every this many optimizer steps (and always at the end of the run)."""
+    """Save every this many optimizer steps (and always at the end of the run or on a stop signal)."""
 
     keep_last: int = Field(3, ge=1)
-    """Keep this many most recent checkpoints; older ones are deleted."""
+    """Keep this many complete checkpoints, the newest by step number (the one just written always
+    among them); older ones and their universal conversions are deleted."""
 
 
 class LoggingSpec(StrictModel):

@@ -349,9 +349,10 @@ def _one_run(mapping: dict[str, Any]) -> dict[str, Any]:
     """Train `mapping` on this rank (a world of one); what the run left behind."""
     import torch.distributed as dist
 
+    from ds_simclr.checkpoint import step_tags
     from ds_simclr.engine import Trainer
     from ds_simclr.errors import TrainingError
-    from ds_simclr.rundir import RunPaths, checkpoint_tags
+    from ds_simclr.rundir import RunPaths
     from ds_simclr.telemetry import read_metrics
 
     spec = spec_from_mapping(mapping)
@@ -368,7 +369,7 @@ def _one_run(mapping: dict[str, Any]) -> dict[str, Any]:
         outcome["error"] = exc.one_line()
     paths = RunPaths(spec.run_dir)
     outcome["rows"] = [{"step": r["step"], "loss": r["loss"]} for r in read_metrics(paths.metrics)]
-    outcome["tags"] = checkpoint_tags(paths)
+    outcome["tags"] = step_tags(paths.checkpoints)
     return {**outcome, **_wandb_records(paths.root)}
 
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ds_simclr.atomic import write_atomic
 from ds_simclr.data.manifest import MANIFEST_NAME, collection_json
 from ds_simclr.data.store import FORMAT, build_once
 from ds_simclr.errors import DataError
-from ds_simclr.rundir import write_atomic
 
 if TYPE_CHECKING:
     from ds_simclr.data.preprocess import Report

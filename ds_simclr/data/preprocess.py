@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ds_simclr.atomic import write_atomic
 from ds_simclr.data.foreground import FOREGROUNDS, Foreground
 from ds_simclr.data.manifest import ManifestImage, collection_json, load_manifest
 from ds_simclr.data.store import (
@@ -50,7 +51,6 @@ from ds_simclr.data.store import (
     write_volume,
 )
 from ds_simclr.errors import DataError
-from ds_simclr.rundir import write_atomic
 
 if TYPE_CHECKING:
     from ds_simclr.data.volume_io import Grid

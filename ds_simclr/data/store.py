@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ds_simclr.atomic import write_atomic
 from ds_simclr.errors import DataError
 
 FORMAT = 2
@@ -63,7 +64,6 @@ def sidecar_file(uid: str, suffix: str = ".json") -> str:
 
 def write_volume(store_dir: Path, uid: str, volume: np.ndarray) -> Path:
     """Write one volume as float16 `.npy` (atomically) where the index expects it; returns its path."""
-    from ds_simclr.rundir import write_atomic
 
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(volume, dtype=STORE_DTYPE))
@@ -87,7 +87,6 @@ def write_index(
     or the new index, never a mix; older index files are removed afterwards. `manifest` (recorded)
     lets a later version name the exact command that rebuilds the store.
     """
-    from ds_simclr.rundir import write_atomic
 
     store_dir = Path(store_dir)
     names = sorted(set(modalities))
@@ -155,6 +154,31 @@ def store_ready(store_dir: Path) -> bool:
     except DataError:
         return False
     return True
+
+
+def read_index(store_dir: Path) -> tuple[dict[str, Any], tuple[np.ndarray, ...]]:
+    """store.json and the index arrays (ids, shapes, pad_values, modality_codes) of a complete store."""
+    head = read_head(store_dir)
+    index_path = Path(store_dir) / str(head["index"])
+    try:
+        with np.load(index_path) as arrays:
+            columns = tuple(arrays[name] for name in ("ids", "shapes", "pad_values", "modality_codes"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"unreadable store index: {exc}", where=str(index_path), hint="preprocess again") from exc
+    if len(columns[0]) != head["images"]:
+        raise DataError(f"index holds {len(columns[0])} images, store.json says {head['images']}", where=str(index_path))
+    return head, columns
+
+
+def index_digest(store_dir: Path) -> str:
+    """SHA-256 (hex) of what the index says of every image, in order: id, shape, padding value and
+    modality name. Equal for the same preprocessed images, whichever build wrote the index file."""
+    head, columns = read_index(store_dir)
+    digest = hashlib.sha256(json.dumps([FORMAT_NAME, head["modalities"]]).encode())
+    for column in columns:
+        digest.update(f"{column.dtype.str}{column.shape}".encode())
+        digest.update(np.ascontiguousarray(column).tobytes())
+    return digest.hexdigest()
 
 
 T = TypeVar("T")
@@ -287,17 +311,8 @@ class PatchStore:
 
     def __init__(self, store_dir: Path, modalities: list[str] | None = None, *, max_open: int = 64) -> None:
         self.root = Path(store_dir)
-        head = read_head(self.root)
-        index_path = self.root / str(head["index"])
-        try:
-            with np.load(index_path) as arrays:
-                ids, shapes = arrays["ids"], arrays["shapes"]
-                pad_values, codes = arrays["pad_values"], arrays["modality_codes"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"unreadable store index: {exc}", where=str(index_path), hint="preprocess again") from exc
+        head, (ids, shapes, pad_values, codes) = read_index(self.root)
         names: list[str] = list(head["modalities"])
-        if len(ids) != head["images"]:
-            raise DataError(f"index holds {len(ids)} images, store.json says {head['images']}", where=str(index_path))
         if modalities is not None:
             keep = np.flatnonzero(np.isin(codes, [names.index(m) for m in modalities if m in names]))
             ids, shapes, pad_values, codes = ids[keep], shapes[keep], pad_values[keep], codes[keep]

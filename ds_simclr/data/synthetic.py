@@ -14,7 +14,7 @@ import numpy as np
 
 from ds_simclr.data.manifest import collection_json
 from ds_simclr.data.store import write_index, write_volume
-from ds_simclr.rundir import write_atomic
+from ds_simclr.atomic import write_atomic
 
 PER_FOLDER = 1000
 """Volumes per subfolder of a synthetic collection (keeps folders small at 100k volumes)."""

@@ -13,14 +13,18 @@ spec the launch wrote.
 Stopping: SIGTERM, SIGUSR1 or SIGINT to `launch` is forwarded to the ranks themselves (local ones
 found under the launcher's process tree, remote ones through `srun --overlap` or pdsh), which agree
 on a step, checkpoint and exit 0; `launch` then exits with EXIT_STOPPED (75) when the run is not
-finished, so a batch script can requeue. A second signal terminates the launcher.
+finished, so a batch script can requeue; also when the signal arrives before the launcher started.
+A second signal terminates the launcher.
+
+One job per run directory (`runlock`); the launcher and the ranks die with `launch` (`lifeline`);
+a rank's user error ends the job with that rank's one line and exit status (`rank_report`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ds_simclr.errors import DataError
+from ds_simclr.errors import EXIT_STOPPED, DataError
 from ds_simclr.launch.cluster import Cluster, discover_cluster, slurm_hostfile
 from ds_simclr.launch.launchers import (
     LAUNCHERS,
@@ -34,13 +38,13 @@ from ds_simclr.launch.launchers import (
 )
 from ds_simclr.launch.prepare import prepare_run_dir
 from ds_simclr.launch.supervise import (
-    EXIT_STOPPED,
     is_rank_cmdline,
     log,
     rank_pids,
     remote_signal_cmd,
     run_plan,
     signal_ranks,
+    startup_signals_stop,
 )
 from ds_simclr.spec import RunSpec
 
@@ -76,24 +80,30 @@ def launch(
     dry_run: bool = False,
     echo=print,
 ) -> int:
-    """`ds_simclr launch`: check data, plan, make the data ready, and either print the plan or run it."""
+    """`ds_simclr launch`: check data, plan, and either print the plan or make the data ready and run it.
+
+    Order: every check that needs no data (paths, the batch plan for this world size, the run
+    directory: spec changes, complete checkpoints) before the data is made ready, so a refusal never
+    waits for preprocessing; the store against the checkpoint's after it; writing last.
+    """
     from ds_simclr.data.source import check_data_paths
+    from ds_simclr.rundir import RunPaths
+    from ds_simclr.runstart import check_run_dir
 
-    try:
-        check_data_paths(spec.data)
-    except DataError as exc:
-        exc.where = spec.where(exc.where or "data")
-        raise
-    chosen, plan = make_plan(spec, launcher, hostfile)
-    if dry_run:
-        echo(describe(chosen, plan))
-        echo(describe_data(spec, plan.cluster))
-        return 0
-    from ds_simclr.rundir import RunPaths, check_resumable
-
-    check_resumable(RunPaths(plan.run_dir), spec)  # a refused resume must not wait for preprocessing first
-    prepare_data(spec, plan.cluster)
-    return run_plan(chosen, plan)
+    with startup_signals_stop():
+        try:
+            check_data_paths(spec.data)
+        except DataError as exc:
+            exc.where = spec.where(exc.where or "data")
+            raise
+        chosen, plan = make_plan(spec, launcher, hostfile)
+        if dry_run:
+            echo(describe(chosen, plan))
+            echo(describe_data(spec, plan.cluster))
+            return 0
+        check_run_dir(RunPaths(plan.run_dir), spec)
+        store = prepare_data(spec, plan.cluster)
+        return run_plan(chosen, plan, store)
 
 
 def describe_data(spec: RunSpec, cluster: Cluster) -> str:
@@ -114,9 +124,9 @@ def describe_data(spec: RunSpec, cluster: Cluster) -> str:
     return f"data         {spec.data.manifest} -> store {store}: preprocessed first ({cores()} processes)"
 
 
-def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> None:
+def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> Path:
     """Make the store complete before any rank starts (the collective time-out then bounds only
-    collectives), and say when the dataset is smaller than the global batch."""
+    collectives), and say when the dataset is smaller than the global batch; returns the store."""
     from ds_simclr.data.sampling import repeated_pairs
     from ds_simclr.data.source import cores, prepare_store
     from ds_simclr.data.store import PatchStore
@@ -135,3 +145,4 @@ def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> None:
             f"the store has {volumes} volumes, fewer than the global batch of {batch} pairs: {repeats} pairs"
             " of every step repeat a volume (false negatives for NT-Xent); more volumes or a smaller batch avoid it"
         )
+    return store
