@@ -1,4 +1,5 @@
-"""Sharded preprocessing (`data preprocess --shard K/N`), the report's per-image notes and the exit status.
+"""Sharded preprocessing (`data preprocess --shard K/N`), the report's per-image notes, the exit status,
+and a worker process killed midway.
 
 Shards write their images and a shard report, never the index; a plain run afterwards reuses them and
 writes what a single process writes, byte for byte. (On a real SLURM: tests/cluster/test_preprocess_slurm.py.)
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +20,7 @@ import pytest
 from helpers import REPO
 
 from ds_simclr.cli import main
+from ds_simclr.data.preprocess import WORKER_DIED
 from ds_simclr.data.store import INDEX_NAME, sidecar_file
 from ds_simclr.data.synthetic import tiny_volume, write_tiny_collection
 
@@ -136,3 +139,55 @@ def test_the_index_step_refuses_an_image_made_with_another_plan(tmp_path: Path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"image {uid} was preprocessed with another plan" in err and str(sidecar) in err
     assert not (tmp_path / "s" / INDEX_NAME).exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_midway_skips_only_the_image_that_kills_it(tmp_path: Path) -> None:
+    """What the OOM killer does to a worker: SIGKILL. Here every worker that has spent 2.5 s of CPU (only
+    the large image takes that long: B-spline from 0.9 mm) is killed, in the pool and when the images in
+    flight are tried again alone. The run goes on, skips that one image with the reason, reports, exits 1."""
+    big = tmp_path / "big.nii"
+    _save(big, np.random.default_rng(0).uniform(1, 2, (256, 256, 150)).astype(np.float32), np.diag([0.9, 0.9, 0.9, 1.0]))
+    small = write_tiny_collection(tmp_path / "raw", 5)
+    collection = json.loads(small.read_text())
+    session = next(iter(next(iter(collection["datasets"].values()))["subjects"].values()))["sessions"]["ses-1"]
+    session["images"].insert(0, {**session["images"][0], "name": "big.nii", "image_path": str(big)})
+    small.write_text(json.dumps(collection))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(_cli(str(small), str(tmp_path / "s"), "-j", "2"), env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = set()
+    while proc.poll() is None:
+        for child in _children(proc.pid):
+            try:
+                if child not in killed and _cpu_seconds(child) > 2.5:
+                    os.kill(child, 9)
+                    killed.add(child)
+            except OSError:  # it ended meanwhile
+                pass
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    assert proc.returncode == 1, out
+    assert len(killed) == 2, out  # once in the pool, once alone
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert [(s["path"], s["reason"]) for s in report["skipped"]] == [(str(big), WORKER_DIED)]
+    assert len(report["processed"]) == 5 and report["store_size"] == 5

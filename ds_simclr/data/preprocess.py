@@ -8,8 +8,9 @@ B-spline, nearest across thick slices), write a float16 `.npy` into the store (`
 and then its sidecar `<id>.json` (the record). The sidecar is the unit of progress: an image that has
 one is finished, and a rerun (also after a kill) reuses it. An image that cannot be used (unreadable,
 one slice, several volumes, empty, constant) or that fails at any stage gets `<id>.skip.json` with
-the reason instead (the others are unaffected), and a rerun tries it again. Images run in parallel
-processes; the main process keeps ids and counts, never the images' records.
+the reason instead (the others are unaffected; so does an image whose worker process dies, see
+`_run`), and a rerun tries it again. Images run in parallel processes; the main process keeps ids
+and counts, never the images' records.
 
 `build_index` then assembles the store from the sidecars of the manifest's images, in manifest
 order: fingerprint.json, pretrain_data.json and report.json (written as streams), the index, and
@@ -28,8 +29,9 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -264,16 +266,24 @@ def _process_image(item: ManifestImage, plan: Plan, out_dir: Path) -> dict[str, 
 
 def _worker(item: ManifestImage, plan: Plan, out_dir: Path) -> tuple[str, str | None]:
     """Preprocess one image; (id, None) when finished, (id, reason) when skipped (a skip sidecar says why)."""
-    skip = out_dir / sidecar_file(item.uid, SKIP_SUFFIX)
     try:
         process_image(item, plan, out_dir)
     except SkipImage as exc:
-        for stale in (sidecar_file(item.uid), volume_file(item.uid)):
-            (out_dir / stale).unlink(missing_ok=True)
-        write_atomic(skip, json.dumps({"id": item.uid, "path": str(item.path), "reason": str(exc)}) + "\n")
-        return item.uid, str(exc)
-    skip.unlink(missing_ok=True)
+        return _skip(item, out_dir, str(exc))
+    (out_dir / sidecar_file(item.uid, SKIP_SUFFIX)).unlink(missing_ok=True)
     return item.uid, None
+
+
+def _skip(item: ManifestImage, out_dir: Path, reason: str) -> tuple[str, str]:
+    """Record that `item` cannot be used: its skip sidecar, and no outputs of an earlier run."""
+    for stale in (sidecar_file(item.uid), volume_file(item.uid)):
+        (out_dir / stale).unlink(missing_ok=True)
+    record = {"id": item.uid, "path": str(item.path), "reason": reason}
+    write_atomic(out_dir / sidecar_file(item.uid, SKIP_SUFFIX), json.dumps(record) + "\n")
+    return item.uid, reason
+
+
+WORKER_DIED = "the worker process died while preprocessing it (killed, e.g. out of memory, or crashed)"
 
 
 def _init_worker() -> None:
@@ -411,23 +421,55 @@ def _shard_report(
 
 
 def _run(todo: list[ManifestImage], plan: Plan, out_dir: Path, jobs: int) -> Iterator[tuple[str, str | None]]:
-    """Results as images finish; at most 4 x jobs images handed to the workers at a time."""
+    """Results as images finish; at most 4 x jobs images handed to the workers at a time.
+
+    When a worker process dies (the kernel's OOM killer, a crash in native code), the pool breaks and
+    every image then in flight is tried again alone in a fresh process, so that only an image that
+    kills its worker by itself is skipped (`WORKER_DIED`); the run goes on with a new pool.
+    """
     if jobs == 1 or len(todo) <= 1:
         for item in todo:
             yield _worker(item, plan, out_dir)
         return
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=ctx, initializer=_init_worker)
+    queue, workers = iter(todo), min(jobs, len(todo))
+    while True:
+        in_flight = yield from _pool_run(queue, plan, out_dir, workers)
+        if not in_flight:
+            return
+        for item in in_flight:
+            if (yield from _pool_run(iter([item]), plan, out_dir, 1)):
+                yield _skip(item, out_dir, WORKER_DIED)
+
+
+def _pool_run(
+    items: Iterator[ManifestImage], plan: Plan, out_dir: Path, workers: int
+) -> Generator[tuple[str, str | None], None, list[ManifestImage]]:
+    """Results of `items` from a pool of `workers` processes; returns [] when all are done, or the
+    images in flight (unfinished) when a worker process died, leaving the rest of `items` unread."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    flight: dict[Future, ManifestImage] = {}
+    lost: list[ManifestImage] = []
     try:
-        queue = iter(todo)
-        pending: set[Future] = {pool.submit(_worker, item, plan, out_dir) for item in itertools.islice(queue, 4 * jobs)}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for item in itertools.islice(items, 4 * workers):
+            flight[pool.submit(_worker, item, plan, out_dir)] = item
+        while flight:
+            done, _ = wait(flight, return_when=FIRST_COMPLETED)
+            if any(isinstance(future.exception(), BrokenProcessPool) for future in done):
+                wait(flight)  # a broken pool fails every image in flight at once (some may have finished)
+                done = set(flight)
             for future in done:
-                yield future.result()
-            pending |= {pool.submit(_worker, item, plan, out_dir) for item in itertools.islice(queue, len(done))}
+                item = flight.pop(future)
+                if isinstance(future.exception(), BrokenProcessPool):
+                    lost.append(item)
+                else:
+                    yield future.result()
+            if lost:
+                return lost
+            for item in itertools.islice(items, len(done)):
+                flight[pool.submit(_worker, item, plan, out_dir)] = item
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return lost
 
 
 class _Progress:
