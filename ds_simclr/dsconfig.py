@@ -190,4 +190,23 @@ def deepspeed_config(spec: RunSpec, world_size: int) -> dict[str, Any]:
     if bf16:
         # Buffers (e.g. norm statistics) in bf16 too; fp32 buffers break bf16 BatchNorm on CPU.
         config["data_types"] = {"buffer_dtype": "bf16"}
+        config.update(fp32_gradients(spec.train.zero_stage))
     return config
+
+
+def fp32_gradients(zero_stage: int) -> dict[str, Any]:
+    """DeepSpeed settings that reduce (and, with ZeRO-1, accumulate) bf16 gradients in fp32.
+
+    bf16 keeps 8 bits of mantissa: summed over ranks and micro-batches in bf16, small gradient
+    contributions are rounded away (DeepSpeed's default when not told otherwise). With ZeRO stage 1,
+    `grad_accum_dtype: fp32` makes DeepSpeed use its BF16_Optimizer, which keeps fp32 gradient
+    buffers next to the fp32 master weights; DeepSpeed offers fp32 accumulation under bf16 with
+    stage 1 only (stage 0 refuses the mix, stages 2 and 3 accumulate in the parameters' dtype), so
+    the other stages get fp32 communication alone. BF16_Optimizer writes its optimizer state in
+    another layout, which `zero_to_fp32` does not read: `export` converts such a checkpoint with
+    DeepSpeed's universal-checkpoint converter instead.
+    """
+    settings: dict[str, Any] = {"communication_data_type": "fp32"}
+    if zero_stage == 1:
+        settings["data_types"] = {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"}
+    return settings

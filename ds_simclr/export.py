@@ -7,7 +7,9 @@ live in the state dict, the input projection keys, the recommended patch size, i
 Only plain Python types and tensors, so it loads with `torch.load(..., weights_only=True)`.
 
 ZeRO checkpoints keep the fp32 master weights in the optimizer shards; DeepSpeed's own
-`get_fp32_state_dict_from_zero_checkpoint` reassembles them.
+`get_fp32_state_dict_from_zero_checkpoint` reassembles them. BF16_Optimizer checkpoints (bf16 with ZeRO-1 and
+fp32 gradient accumulation: `dsconfig.fp32_gradients`) keep them in another layout, which
+DeepSpeed's universal-checkpoint converter reads.
 """
 
 from __future__ import annotations
@@ -55,12 +57,52 @@ def adaptation_plan(spec: RunSpec, pretrain_plan: dict[str, Any] | None) -> dict
 
 def _fp32_weights(paths: RunPaths, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     checkpoint = paths.checkpoints / tag
+    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     if zero_stage == 0:
-        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
+    if _bf16_optimizer(states.get("ds_config") or {}):
+        return _fp32_weights_via_universal(checkpoint, aliases=set(states.get("shared_params") or {}))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(paths.checkpoints), tag=tag)
+
+
+def _bf16_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed trained with its BF16_Optimizer (bf16, ZeRO-1, fp32 gradient accumulation:
+    `dsconfig.fp32_gradients`), whose optimizer shards `zero_to_fp32` refuses ("not a zero checkpoint")."""
+    return (
+        bool(ds_config.get("bf16", {}).get("enabled"))
+        and ds_config.get("zero_optimization", {}).get("stage") == 1
+        and ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    )
+
+
+def _fp32_weights_via_universal(checkpoint: Path, aliases: set[str]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint, by DeepSpeed's universal-checkpoint
+    converter (`ds_to_universal`, into a temporary folder): one `zero/<parameter>/fp32.pt` each.
+
+    aliases: the checkpoint's `shared_params` names (a second name of a parameter), left out: the
+    converter writes them from the bf16 module weights, not from the fp32 masters."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ds_simclr_export_") as tmp:
+        universal = Path(tmp) / "universal"
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+            "--output_folder", str(universal), "--inject_missing_state",  # no Megatron universal_checkpoint_info
+            "--num_extract_workers", "1", "--num_merge_workers", "1",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+            raise DataError(f"DeepSpeed could not convert it: {lines[-1] if lines else result.returncode}", where=str(checkpoint))
+        return {
+            folder.name: torch.load(folder / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+            for folder in sorted((universal / "zero").iterdir())
+            if (folder / "fp32.pt").is_file() and folder.name not in aliases
+        }
 
 
 def _load_with_aliases(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:

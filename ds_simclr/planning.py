@@ -257,10 +257,13 @@ def gradient_cache_lines(spec: RunSpec, batch: BatchPlan) -> list[str]:
 
 
 def state_bytes_per_rank(parameters: int, spec: RunSpec, world_size: int) -> dict[str, float]:
-    """Weights, gradients and optimizer state per rank; ZeRO >= 1 shards the fp32 state."""
+    """Weights, gradients and optimizer state per rank; ZeRO >= 1 shards the fp32 state. bf16 with
+    ZeRO-1 adds DeepSpeed's BF16_Optimizer's fp32 gradient buffer, whole on every rank
+    (`dsconfig.fp32_gradients`)."""
     shards = world_size if spec.train.zero_stage >= 1 else 1
     if spec.train.precision == "bf16":
         weights, grads, master = 2 * parameters, 2 * parameters, 4 * parameters / shards
+        grads += 4 * parameters if spec.train.zero_stage == 1 else 0
     else:
         weights, grads, master = 4 * parameters, 4 * parameters, 0.0
     adam = 8 * parameters / shards
