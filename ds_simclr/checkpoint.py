@@ -289,6 +289,23 @@ def needs_universal(marker: Marker, world_size: int) -> bool:
     return marker.partitioned_optimizer and marker.world_size != world_size
 
 
+def convert_to_universal(checkpoint: Path, output: Path) -> str | None:
+    """Convert one DeepSpeed checkpoint folder to a universal checkpoint in `output` (one
+    `zero/<parameter>/fp32.pt` each) with `python -m deepspeed.checkpoint.ds_to_universal`, its public
+    command line. Returns None on success, else the converter's last line (why it failed)."""
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(checkpoint), "--output_folder", str(output),
+        "--inject_missing_state",  # our checkpoints carry no Megatron-style universal_checkpoint_info
+        "--num_extract_workers", "1", "--num_merge_workers", "1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {result.returncode}"
+
+
 def ensure_universal(checkpoints: Path, point: ResumePoint) -> str:
     """The tag of `point`'s universal conversion, made once (DeepSpeed's `ds_to_universal`).
 
@@ -304,17 +321,10 @@ def ensure_universal(checkpoints: Path, point: ResumePoint) -> str:
     staged = staging_folder(checkpoints) / tag
     shutil.rmtree(staged, ignore_errors=True)
     staged.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder", str(checkpoints / point.tag), "--output_folder", str(staged),
-        "--inject_missing_state",  # our checkpoints carry no Megatron-style universal_checkpoint_info
-        "--num_extract_workers", "1", "--num_merge_workers", "1",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+    failure = convert_to_universal(checkpoints / point.tag, staged)
+    if failure is not None:
         raise CheckpointError(
-            f"DeepSpeed could not convert {point.tag} for another world size: {lines[-1] if lines else result.returncode}",
+            f"DeepSpeed could not convert {point.tag} for another world size: {failure}",
             where=str(checkpoints / point.tag),
             hint=f"resume on its own world size ({point.marker.world_size} ranks)",
         )

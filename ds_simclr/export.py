@@ -83,21 +83,15 @@ def _fp32_weights_via_universal(checkpoint: Path, aliases: set[str]) -> dict[str
 
     aliases: the checkpoint's `shared_params` names (a second name of a parameter), left out: the
     converter writes them from the bf16 module weights, not from the fp32 masters."""
-    import subprocess
-    import sys
     import tempfile
+
+    from ds_simclr.checkpoint import convert_to_universal
 
     with tempfile.TemporaryDirectory(prefix="ds_simclr_export_") as tmp:
         universal = Path(tmp) / "universal"
-        cmd = [
-            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
-            "--output_folder", str(universal), "--inject_missing_state",  # no Megatron universal_checkpoint_info
-            "--num_extract_workers", "1", "--num_merge_workers", "1",
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-            raise DataError(f"DeepSpeed could not convert it: {lines[-1] if lines else result.returncode}", where=str(checkpoint))
+        failure = convert_to_universal(checkpoint, universal)
+        if failure is not None:
+            raise DataError(f"DeepSpeed could not convert it: {failure}", where=str(checkpoint))
         return {
             folder.name: torch.load(folder / "fp32.pt", map_location="cpu", weights_only=False)["param"]
             for folder in sorted((universal / "zero").iterdir())
