@@ -1,9 +1,10 @@
 """Where a job starts in a run directory: the checks that may refuse it, then the decisions.
 
 `check_run_dir` is everything about the run directory that can refuse a start without writing
-anything (a changed spec, checkpoints of which none is complete, another store); `launch` runs it,
-after the batch plan for its world size (`plan_batch`) and after making the data ready, before it
-writes the run directory, and rank 0 runs it again before it does. `plan_start`
+anything (a changed spec, checkpoints of which none is complete, another store); `launch` runs it
+after the batch plan for its world size (`plan_batch`), once before it makes the data ready (so a
+refusal never waits for preprocessing) and once with the ready store before it writes the run
+directory; rank 0 runs it again before it writes. `plan_start`
 then picks the checkpoint (printing the one fallback warning), refuses another store, and makes the
 universal conversion when the world size changed.
 """
