@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,8 @@ class Trainer:
 
         from ds_simclr.data.loader import PairLoader
         from ds_simclr.data.source import resolve_store
-        from ds_simclr.model import build_model
+        from ds_simclr.evaluation.online import OnlineProbe
+        from ds_simclr.warmstart import initial_model
 
         self.spec = spec
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
@@ -173,14 +175,13 @@ class Trainer:
             recorded = json.loads(path.read_text()) if path.is_file() else {}
             write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
-        torch.manual_seed(spec.seed)
-        model = build_model(
-            spec.model.encoder,
-            in_channels=spec.model.in_channels,
-            head_hidden=spec.model.head_hidden,
-            head_out=spec.model.head_out,
-            head_layers=spec.model.head_layers,
-        )
+        fresh = self.paths.latest_tag() is None  # a resumed run loads its checkpoint instead
+        model, origin = initial_model(spec, warm=fresh)
+        if self.rank_zero and fresh and spec.model.init_from is not None:
+            print(f"init_from: starting from the {origin}", flush=True)
+        self.probe = None
+        if spec.eval.every_steps:
+            self.probe = _on_rank_zero(lambda: OnlineProbe(spec, self.place.device), "load the evaluation volume")
         quiet_deepspeed()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
@@ -274,6 +275,7 @@ class Trainer:
 
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train until the planned end, `stop_at` steps, or an agreed stop request."""
+        from ds_simclr.health import CollapseWatch
         from ds_simclr.plots import view_slices
         from ds_simclr.telemetry import MetricsLog, Progress, WandbRun
 
@@ -293,6 +295,7 @@ class Trainer:
                 config={"spec": spec.model_dump(mode="json"), "deepspeed": self.ds_config, "world_size": self.place.world_size},
             )
             progress = Progress(total, self.state.step)
+            watch = CollapseWatch(spec.warmup_steps, self.batch.global_batch, spec.model.head_out)
         result = TrainResult(self.paths.root, self.state.step, False, self.state.skipped_steps)
         pairs_per_step = self.batch.global_batch
         batches = self.loader.iterate(self.state.step)
@@ -317,11 +320,18 @@ class Trainer:
                 too_many_bad = self.state.consecutive_nonfinite >= spec.train.max_nonfinite_steps
                 last = self.state.step == end
                 image_now = spec.logging.image_every and self.state.step % spec.logging.image_every == 0
-                log_now = self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"] or image_now
+                eval_now = spec.eval.every_steps and self.state.step % spec.eval.every_steps == 0
+                log_now = (self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"]
+                           or image_now or eval_now)
                 if self.rank_zero and log_now:
+                    if eval_now:  # the other ranks wait at their next collective
+                        row.update(self.probe(self.engine.module, self.dtype))
                     metrics.write(row)
                     wandb_run.log(row, {"views": view_slices(*self.sample_views)} if image_now else None)
                     progress.update(row)
+                    warning = watch.check(row)
+                    if warning:
+                        progress.note(warning)
                 if self.state.step % spec.checkpoint.every_steps == 0 or last or stopping or too_many_bad:
                     save_checkpoint(self.engine, self.paths, self.state, spec.checkpoint.keep_last)
                 if too_many_bad:
@@ -362,6 +372,20 @@ class Trainer:
             f" (metrics.jsonl, checkpoints/, wandb/, plots/: {plots})",
             flush=True,
         )
+
+
+def _on_rank_zero(build: Callable[[], Any], what: str) -> Any:
+    """`build()` on rank 0 (None elsewhere); every rank raises when it failed, so none waits on it."""
+    failure: UserError | None = None
+    result = None
+    if dist.is_rank_zero():
+        try:
+            result = build()
+        except UserError as exc:
+            failure = exc
+    if not dist.all_ranks_true(failure is None):
+        raise failure or DataError(f"rank 0 could not {what} (its error says why)")
+    return result
 
 
 def _as_float(value: Any) -> float | None:

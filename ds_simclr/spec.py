@@ -21,6 +21,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from ds_simclr.architectures import check_input_shape
 from ds_simclr.data.options import DataSpec, ViewsSpec
 from ds_simclr.errors import SpecError
+from ds_simclr.evaluation.options import EvalSpec
 from ds_simclr.specbase import StrictModel
 
 EncoderName = Literal["resenc_l", "resenc_s", "resenc_tiny"]
@@ -38,6 +39,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "distributed",
         "checkpoint",
         "logging",
+        "eval",
     }
 )
 
@@ -61,6 +63,12 @@ class ModelSpec(StrictModel):
 
     head_layers: int = Field(3, ge=1, le=8)
     """Linear layers in the projection head (nnSSL: 3)."""
+
+    init_from: Path | None = None
+    """Start from the weights of an export (`ds_simclr export`, or an nnSSL adaptation checkpoint)
+    instead of a random initialisation: its encoder must match `encoder` and `in_channels` (a
+    1-channel input projection is repeated for more channels); its projection head is taken when
+    the shapes match `head_*`, else the head starts random."""
 
 
 class LossSpec(StrictModel):
@@ -297,6 +305,9 @@ class RunSpec(StrictModel):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     """W&B and the metrics file."""
 
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    """Online evaluation: a cheap frozen-encoder probe during pretraining."""
+
     _source: str = PrivateAttr(default="<spec>")
 
     @field_validator("name")
@@ -315,6 +326,22 @@ class RunSpec(StrictModel):
         except ValueError as exc:
             raise ValueError(f"views.output_size {size}: {exc}") from None
         return self
+
+    @model_validator(mode="after")
+    def _eval_fits(self) -> RunSpec:
+        size = self.eval_patch_size
+        try:
+            check_input_shape(self.model.encoder, (size, size, size))
+        except ValueError as exc:
+            raise ValueError(f"eval.patch_size {size}: {exc}") from None
+        if self.eval.every_steps and self.train.zero_stage == 3:
+            raise ValueError("eval.every_steps needs ZeRO stage 0-2: stage 3 partitions the weights rank 0 would probe")
+        return self
+
+    @property
+    def eval_patch_size(self) -> int:
+        """Edge of the online probe's patches: `eval.patch_size`, else `views.output_size`."""
+        return self.eval.patch_size or self.views.output_size
 
     @property
     def source(self) -> str:

@@ -81,8 +81,14 @@ def launch(
     except DataError as exc:
         exc.where = spec.where(exc.where or "data")
         raise
+    if spec.model.init_from is not None and not Path(spec.model.init_from).is_file():
+        raise DataError("file not found", where=f"{spec.where('model.init_from')}: {spec.model.init_from}")
     chosen, plan = make_plan(spec, launcher, hostfile)
     if dry_run:
         echo(describe(chosen, plan))
         return 0
+    if spec.eval.every_steps:  # the online probe's volume, ready before the ranks start (they only load it)
+        from ds_simclr.evaluation.atlas import ensure_eval_set
+
+        ensure_eval_set(spec.data.cache_dir)
     return run_plan(chosen, plan)
