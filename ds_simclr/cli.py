@@ -210,6 +210,27 @@ def export(
 
 
 @app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    tag: Annotated[Optional[str], typer.Option("--tag", help="Checkpoint tag (default: latest).")] = None,
+    patches_per_class: Annotated[
+        int, typer.Option("--patches-per-class", min=2, help="Region-probe patches per region and hemisphere, per resampling.")
+    ] = 16,
+    resamples: Annotated[int, typer.Option("--resamples", min=2, help="Independent patch draws (for mean +- std).")] = 3,
+    patch_size: Annotated[
+        Optional[int], typer.Option("--patch-size", help="Probe patch edge in voxels (default: views.output_size).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")] = "auto",
+) -> None:
+    """Frozen-encoder probes on labelled MRI: the checkpoint against its own initial weights, random
+    seeds and raw intensities; writes RUN_DIR/eval/<tag>/eval.json and eval.png, logs to W&B."""
+    from ds_simclr.evaluation.evaluate import EvalOptions, evaluate_run
+
+    options = EvalOptions(patch_size=patch_size, patches_per_class=patches_per_class, resamples=resamples, device=device)
+    evaluate_run(run_dir, tag, options, echo=typer.echo, progress=lambda line: typer.echo(line, err=True))
+
+
+@app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """PNGs of loss and learning rate (planned and realised) and of one sample's two views."""
     from ds_simclr.plots import plot_run
