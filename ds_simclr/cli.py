@@ -1,8 +1,10 @@
 """The `ds_simclr` command line: thin wrappers over library functions.
 
-`main` is the one place that turns a `UserError` into a single line on stderr and exit status 2;
-tracebacks only with `--debug`. Heavy modules (torch, DeepSpeed, MONAI) are imported inside the
-commands that need them, so `validate` and `config` start fast.
+`main` is the one place that turns errors into messages: a `UserError` becomes a single line on
+stderr and exit status 2 (tracebacks only with `--debug`); a usage error at any level of the command
+tree (unknown command or option, missing argument, bad value) becomes the usage line plus one error
+line, exit status 2. Heavy modules (torch, DeepSpeed, MONAI) are imported inside the commands that
+need them, so `validate` and `config` start fast.
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
-import click
 import typer
 
+# Typer bundles its own copy of click; the standalone click's exceptions are other classes.
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
 from ds_simclr.errors import UserError
+
+if TYPE_CHECKING:
+    from ds_simclr.spec import RunSpec
 
 app = typer.Typer(
     add_completion=False,
@@ -24,7 +31,7 @@ app = typer.Typer(
     help="DeepSpeed-backed, large-batch SimCLR pretraining for 3D MRI.",
 )
 
-SpecArg = Annotated[Path, typer.Argument(help="Run spec (YAML).", show_default=False)]
+SpecArg = Annotated[Path, typer.Argument(metavar="SPEC", help="Run spec (YAML).", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a spec field: --set train.max_steps=20 (repeatable)."),
@@ -38,14 +45,24 @@ def _root(
     """DeepSpeed-backed, large-batch SimCLR pretraining for 3D MRI."""
 
 
+def _warn(spec: RunSpec) -> None:
+    """Warnings about a valid spec that will not do what it seems to say, one line each on stderr."""
+    from ds_simclr.schedule import schedule_warning
+
+    warning = schedule_warning(spec)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+
+
 @app.command()
 def validate(spec_path: SpecArg, overrides: SetOpt = None) -> None:
     """Validate the spec and print a one-screen summary."""
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
     from ds_simclr.summary import spec_summary
 
     spec = load_spec(spec_path, overrides)
     typer.echo(spec_summary(spec, spec_path))
+    _warn(spec)
 
 
 @app.command()
@@ -57,7 +74,7 @@ def config(
 ) -> None:
     """Print or write the DeepSpeed JSON for N ranks."""
     from ds_simclr.dsconfig import deepspeed_config
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     text = json.dumps(deepspeed_config(load_spec(spec_path, overrides), world_size), indent=2) + "\n"
     if output is None:
@@ -75,11 +92,12 @@ def plan(
 ) -> None:
     """Dry run: batch split, negatives, steps, LR milestones, memory per rank."""
     from ds_simclr.planning import plan_report, plot_lr_curve
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     spec = load_spec(spec_path, overrides)
     report = plan_report(spec, world_size)
     typer.echo(report.text)
+    _warn(spec)
     if plot is not None:
         plot_lr_curve(report.lrs, plot, title=f"{spec.name}: LR per optimizer step")
         typer.echo(f"LR curve written to {plot}")
@@ -94,7 +112,7 @@ def train(
 ) -> int:
     """The worker each launcher starts on every rank (users rarely call it)."""
     from ds_simclr.engine import train as run_training
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     run_training(load_spec(spec_path, overrides), run_dir=run_dir, stop_at=stop_at)
     return 0
@@ -119,9 +137,11 @@ def launch(
     same command again to resume, e.g. after `scontrol requeue`).
     """
     from ds_simclr.launch import launch as run_launch
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
-    return run_launch(load_spec(spec_path, overrides), launcher, hostfile, dry_run, echo=typer.echo)
+    spec = load_spec(spec_path, overrides)
+    _warn(spec)
+    return run_launch(spec, launcher, hostfile, dry_run, echo=typer.echo)
 
 
 @app.command()
@@ -144,31 +164,70 @@ def hostfile(
         write_atomic(Path(output), text)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Demo data and preprocessing.")
+data_app = typer.Typer(no_args_is_help=True, help="Manifests, demo data and preprocessing.")
 bench_app = typer.Typer(no_args_is_help=True, help="Throughput benchmarks on this machine.")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
 
 @data_app.command("demo")
-def data_demo(out: Annotated[Path, typer.Argument(help="Folder for pretrain_data.json and the volumes.")]) -> None:
+def data_demo(out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder for pretrain_data.json and the volumes.")]) -> None:
     """Build a small real-MRI collection (pretrain_data.json + volumes) from installed packages."""
     from ds_simclr.data.demo import build_demo
 
     typer.echo(f"demo collection written: {build_demo(out)}")
 
 
+@data_app.command("manifest")
+def data_manifest(
+    ctx: typer.Context,
+    roots: Annotated[Optional[list[Path]], typer.Argument(metavar="ROOT", help="BIDS datasets or plain folders, one dataset each.", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Manifest to write (a folder: FOLDER/pretrain_data.json).")] = Path("pretrain_data.json"),
+    suffix: Annotated[Optional[str], typer.Option("--suffix", help="BIDS: suffixes to take, e.g. T1w,T2w (default: anatomical).")] = None,
+    pattern: Annotated[Optional[str], typer.Option("--pattern", help="Folder: glob under each ROOT, e.g. '**/*.nii.gz'.")] = None,
+    regex: Annotated[Optional[str], typer.Option("--regex", help="Folder: regex searched in each relative path; named groups subject (required), session, modality.")] = None,
+    modality: Annotated[Optional[str], typer.Option("--modality", help="Folder/table: modality of every image without one.")] = None,
+    table: Annotated[Optional[Path], typer.Option("--table", help="CSV/TSV, one image a row: columns path, subject, modality; optional session, dataset.")] = None,
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="Table: ROLE=NAME for a column named otherwise (repeatable).")] = None,
+    root_var: Annotated[Optional[str], typer.Option("--root-var", help="Write paths as $NAME/... below that environment variable's folder.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Collection name (default: the manifest folder's name).")] = None,
+) -> None:
+    """Write nnSSL's pretrain_data.json from BIDS datasets, plain folders or a table; skipped files are reported."""
+    from ds_simclr.data.manifest_build import make_manifest
+
+    if not roots and table is None:
+        raise UsageError("Missing argument 'ROOT...' (or give --table FILE).", ctx=ctx)
+
+    report = make_manifest(
+        roots or [], output, suffixes=suffix.split(",") if suffix else None, pattern=pattern, regex=regex,
+        modality=modality, table=table, columns=column or [], root_var=root_var, name=name,
+    )
+    for dataset in report.datasets:
+        typer.echo(dataset.summary())
+    for skipped in report.skipped:
+        typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+    typer.echo(f"manifest written: {report.path}")
+
+
 @data_app.command("preprocess")
 def data_preprocess(
-    manifest: Annotated[Path, typer.Argument(help="nnSSL pretrain_data.json.")],
-    out: Annotated[Path, typer.Argument(help="Store folder to create or complete.")],
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="nnSSL pretrain_data.json.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Store folder to create or complete.")],
     jobs: Annotated[int, typer.Option("-j", "--jobs", help="Parallel processes.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished images.")] = False,
+    foreground: Annotated[
+        str,
+        typer.Option(
+            "--foreground",
+            help="Voxels to crop to and z-score over: nonzero (nnSSL's rule; skull-stripped or masked images) or otsu"
+            " (a head mask for raw heads with a noisy background). Recorded in plan.json.",
+        ),
+    ] = "nonzero",
 ) -> None:
     """Fingerprint, plan and preprocess into the patch store; skipped files are reported."""
     from ds_simclr.data.preprocess import preprocess
 
-    report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True)
+    report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True, foreground=foreground)
     typer.echo(
         f"{len(report.processed)} preprocessed, {len(report.reused)} reused, {len(report.skipped)} skipped -> {out}"
     )
@@ -184,7 +243,7 @@ def bench_views(
 ) -> None:
     """Views/s on this machine's device against the old MONAI recipe (same volumes, one run)."""
     from ds_simclr.data.bench import bench_views as run_bench
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     spec = load_spec(spec_path, overrides)
     result = run_bench(spec.views, patch_size=spec.data.patch_size, seconds=seconds)
@@ -199,7 +258,7 @@ def bench_views(
 
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Default: RUN_DIR/export/nnssl_<tag>.pth")] = None,
     tag: Annotated[Optional[str], typer.Option("--tag", help="Checkpoint tag (default: latest).")] = None,
 ) -> None:
@@ -211,7 +270,7 @@ def export(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
     tag: Annotated[Optional[str], typer.Option("--tag", help="Checkpoint tag (default: latest).")] = None,
     patches_per_class: Annotated[
         int, typer.Option("--patches-per-class", min=2, help="Region-probe patches per region and hemisphere, per resampling.")
@@ -220,7 +279,9 @@ def evaluate(
     patch_size: Annotated[
         Optional[int], typer.Option("--patch-size", help="Probe patch edge in voxels (default: views.output_size).")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")] = "auto",
+    device: Annotated[
+        Literal["auto", "cpu", "cuda"], typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")
+    ] = "auto",
 ) -> None:
     """Frozen-encoder probes on labelled MRI: the checkpoint against its own initial weights, random
     seeds and raw intensities; writes RUN_DIR/eval/<tag>/eval.json and eval.png, logs to W&B."""
@@ -231,7 +292,7 @@ def evaluate(
 
 
 @app.command()
-def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+def plot(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")]) -> None:
     """PNGs of loss and learning rate (planned and realised) and of one sample's two views."""
     from ds_simclr.plots import plot_run
 
@@ -250,15 +311,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"error: {exc.one_line()}", err=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return 2
-    except click.exceptions.Abort:
+    except NoArgsIsHelpError as exc:  # a bare group (`ds_simclr data`): its help (rich prints it itself)
+        if exc.format_message().strip():
+            typer.echo(exc.format_message(), err=True)
+        return exc.exit_code
+    except UsageError as exc:
+        typer.echo(usage_message(exc), err=True)
+        return exc.exit_code
+    except ClickException as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
     return result if isinstance(result, int) else 0
+
+
+def usage_message(exc: UsageError) -> str:
+    """The command's usage line and one error line (click's did-you-mean included)."""
+    error = f"error: {' '.join(exc.format_message().split())}"
+    if exc.ctx is None:
+        return error
+    return f"{exc.ctx.get_usage()}\n{error} (see '{exc.ctx.command_path} --help')"
 
 
 if __name__ == "__main__":

@@ -21,21 +21,62 @@ class BatchPlan:
     world_size: int
     micro_batch: int
     grad_accum: int
+    gradient_cache: bool = False
+    """Contrast all pairs of an optimizer step (`train.gradient_cache`), not those of a micro-step."""
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.world_size
 
     @property
+    def contrastive_batch(self) -> int:
+        """Pairs N that NT-Xent contrasts: the whole step with the gradient cache, else micro x world."""
+        return self.global_batch if self.gradient_cache else self.micro_batch * self.world_size
+
+    @property
+    def uses_gradient_cache(self) -> bool:
+        """The step runs through the gradient cache: asked for, and more than one micro-step to cache."""
+        return self.gradient_cache and self.grad_accum > 1
+
+    @property
     def negatives_per_anchor(self) -> int:
-        """Candidates an anchor is contrasted with, minus its positive: 2 x micro x world - 2."""
-        return 2 * self.micro_batch * self.world_size - 2
+        """Candidates an anchor is contrasted with, minus its positive: 2N - 2."""
+        return 2 * self.contrastive_batch - 2
+
+
+_LIFT = "set train.gradient_cache: true to contrast all pairs of a step, or raise micro_batch"
 
 
 def plan_batch(spec: RunSpec, world_size: int) -> BatchPlan:
-    """Apply DESIGN's batch rule; impossible arithmetic names the world sizes that work."""
+    """Apply DESIGN's batch rule; impossible arithmetic names the world sizes that work.
+
+    Also refuses a contrastive batch of fewer than 2 pairs (micro x world = 1 without the gradient
+    cache): its single pair has no negatives, so the loss and the gradient are 0.
+    """
     if world_size < 1:
         raise BatchArithmeticError(f"world size must be positive, got {world_size}", where="--world-size")
+    batch = _split(spec, world_size)
+    train = spec.train
+    if batch is None:
+        raise BatchArithmeticError(
+            f"global_batch {train.global_batch} cannot be split over {world_size} ranks"
+            f" (micro_batch {train.micro_batch}, grad_accum {train.grad_accum or 'default'})",
+            where=spec.where("train.global_batch"),
+            hint=f"world sizes that work: {_format_sizes(working_world_sizes(spec))}",
+        )
+    if batch.contrastive_batch < 2:
+        sizes = working_world_sizes(spec)
+        raise BatchArithmeticError(
+            f"micro_batch {batch.micro_batch} on {world_size} rank{'s' if world_size > 1 else ''} makes NT-Xent"
+            f" contrast {batch.contrastive_batch} pair, which has no negatives (loss and gradient 0)",
+            where=spec.where("train.micro_batch"),
+            hint=_LIFT + (f"; world sizes that work: {_format_sizes(sizes)}" if sizes else ""),
+        )
+    return batch
+
+
+def _split(spec: RunSpec, world_size: int) -> BatchPlan | None:
+    """micro x accum for `world_size` ranks, or None when they do not come out whole."""
     train = spec.train
     if train.micro_batch == "auto":
         accum = train.grad_accum or 1
@@ -47,17 +88,12 @@ def plan_batch(spec: RunSpec, world_size: int) -> BatchPlan:
         micro, accum = train.micro_batch, train.grad_accum
         rest = train.global_batch - micro * accum * world_size
     if rest or micro < 1 or accum < 1:
-        raise BatchArithmeticError(
-            f"global_batch {train.global_batch} cannot be split over {world_size} ranks"
-            f" (micro_batch {train.micro_batch}, grad_accum {train.grad_accum or 'default'})",
-            where=spec.where("train.global_batch"),
-            hint=f"world sizes that work: {_format_sizes(working_world_sizes(spec))}",
-        )
-    return BatchPlan(world_size=world_size, micro_batch=micro, grad_accum=accum)
+        return None
+    return BatchPlan(world_size=world_size, micro_batch=micro, grad_accum=accum, gradient_cache=train.gradient_cache)
 
 
 def working_world_sizes(spec: RunSpec) -> list[int]:
-    """Every world size for which the batch rule gives whole numbers."""
+    """Every world size for which the batch rule gives whole numbers and a contrastive batch of >= 2 pairs."""
     train = spec.train
     micro = train.micro_batch if isinstance(train.micro_batch, int) else 1
     accum = train.grad_accum or 1
@@ -67,14 +103,40 @@ def working_world_sizes(spec: RunSpec) -> list[int]:
     if train.global_batch % unit:
         return []
     quotient = train.global_batch // unit
-    if train.micro_batch != "auto" and train.grad_accum is not None:
-        return [quotient]
-    return [w for w in range(1, quotient + 1) if quotient % w == 0]
+    candidates = [quotient] if train.micro_batch != "auto" and train.grad_accum is not None else range(1, quotient + 1)
+    splits = (_split(spec, w) for w in candidates)
+    return [b.world_size for b in splits if b is not None and b.contrastive_batch >= 2]
+
+
+def fixed_world_size(spec: RunSpec) -> int | None:
+    """nodes x procs_per_node when the spec fixes both, else None (the cluster decides)."""
+    dist = spec.distributed
+    if isinstance(dist.nodes, int) and isinstance(dist.procs_per_node, int):
+        return dist.nodes * dist.procs_per_node
+    return None
+
+
+def check_batch(spec: RunSpec) -> BatchPlan | None:
+    """What `validate` can check without a cluster: the split for a fixed world size, else that some
+    world size works. Returns the plan when the world size is fixed; raises BatchArithmeticError."""
+    world = fixed_world_size(spec)
+    if world is not None:
+        return plan_batch(spec, world)
+    if not working_world_sizes(spec):
+        train = spec.train
+        raise BatchArithmeticError(
+            f"no world size gives a contrastive batch of 2 or more pairs with global_batch {train.global_batch},"
+            f" micro_batch {train.micro_batch}, grad_accum {train.grad_accum or 'default'}: a single pair has no"
+            " negatives (loss and gradient 0)",
+            where=spec.where("train.micro_batch"),
+            hint=_LIFT,
+        )
+    return None
 
 
 def _format_sizes(sizes: list[int]) -> str:
     if not sizes:
-        return "none (make global_batch a multiple of micro_batch x grad_accum)"
+        return f"none with 2 or more pairs per micro-step over all ranks; {_LIFT}"
     shown = ", ".join(map(str, sizes[:16]))
     return shown + (", ..." if len(sizes) > 16 else "")
 

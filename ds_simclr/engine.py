@@ -6,10 +6,14 @@ advances so it stays equal to the plan). Checkpoints are DeepSpeed's own (`step_
 client state holding our step counters; `latest` is written only after every rank has finished
 writing. A stop request (SIGTERM, SIGUSR1) is agreed on at a step boundary, then the run
 checkpoints and exits cleanly so a relaunch resumes.
+
+With `train.gradient_cache` (and grad_accum > 1) a step is one NT-Xent over all its pairs, checked
+for finiteness once (`ds_simclr.gradcache`); skipping, clipping and metrics are as above.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,7 +23,7 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from ds_simclr import dist
 from ds_simclr.dsconfig import BatchPlan, deepspeed_config, plan_batch
 from ds_simclr.environment import software
 from ds_simclr.errors import DataError, TrainingError, UserError
+from ds_simclr.gradcache import gradient_cache_step
 from ds_simclr.loss import contrastive_metrics, nt_xent
 from ds_simclr.rundir import RunPaths, check_resumable, checkpoint_tags, write_atomic, write_run_files
 from ds_simclr.runtime import Placement, init_distributed
@@ -140,6 +145,18 @@ def save_checkpoint(engine: Any, paths: RunPaths, state: TrainState, keep_last: 
     return tag
 
 
+def training_model(spec: RunSpec, warm: bool = True) -> tuple[torch.nn.Module, str]:
+    """The model a run trains: the spec's encoder and head seeded with `spec.seed`, started from
+    `model.init_from` when `warm` (a fresh run), with its speed options switched on; and where its
+    weights come from, in words (see `warmstart.initial_model`)."""
+    from ds_simclr.model import configure_speed
+    from ds_simclr.warmstart import initial_model
+
+    model, origin = initial_model(spec, warm=warm)
+    speed = spec.train.model_dump(include={"activation_checkpointing", "channels_last", "compile"})
+    return configure_speed(model, **speed), origin
+
+
 class Trainer:
     """One rank's part of a run; `run()` trains from the current state to the end (or a stop)."""
 
@@ -148,8 +165,6 @@ class Trainer:
 
         from ds_simclr.data.loader import PairLoader
         from ds_simclr.data.source import resolve_store
-        from ds_simclr.evaluation.online import OnlineProbe
-        from ds_simclr.warmstart import initial_model
 
         self.spec = spec
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
@@ -176,11 +191,13 @@ class Trainer:
             write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
         fresh = self.paths.latest_tag() is None  # a resumed run loads its checkpoint instead
-        model, origin = initial_model(spec, warm=fresh)
+        model, origin = training_model(spec, warm=fresh)
         if self.rank_zero and fresh and spec.model.init_from is not None:
             print(f"init_from: starting from the {origin}", flush=True)
         self.probe = None
         if spec.eval.every_steps:
+            from ds_simclr.evaluation.online import OnlineProbe
+
             self.probe = _on_rank_zero(lambda: OnlineProbe(spec, self.place.device), "load the evaluation volume")
         quiet_deepspeed()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -217,20 +234,63 @@ class Trainer:
         spec, engine = self.spec, self.engine
         lr = float(engine.get_lr()[0])
         times = {"time_data_s": 0.0, "time_fwd_bwd_s": 0.0, "time_optimizer_s": 0.0}
-        losses: list[float] = []
-        finite = True
-        z_last: tuple[torch.Tensor, torch.Tensor] | None = None
+        micro_views = self._micro_views(batches, times)
+        if self.batch.uses_gradient_cache:
+            t0 = time.perf_counter()
+            again = functools.partial(self._views_again, times=times)
+            cached = gradient_cache_step(engine, micro_views, again, spec.loss.temperature)
+            times["time_optimizer_s"] = cached.optimizer_s
+            times["time_fwd_bwd_s"] = time.perf_counter() - t0 - times["time_data_s"] - cached.optimizer_s
+            finite, stepped = cached.finite, cached.stepped
+            losses, z_metrics = ([cached.loss], (cached.z1, cached.z2)) if finite else ([], None)
+        else:
+            finite, stepped, losses, z_metrics = self._plain_micro_steps(micro_views, times)
+        if finite and not engine.was_step_applied():
+            finite = False  # the loss was finite, the gradients were not: DeepSpeed refused the update
+        if not finite:
+            self._skip_step(stepped)
+        row: dict[str, Any] = {
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "lr": lr,
+            "skipped": not finite,
+            **times,
+        }
+        if finite:
+            row["grad_norm"] = _as_float(engine.get_global_grad_norm())
+            if z_metrics is not None:
+                row.update(contrastive_metrics(*z_metrics, spec.loss.temperature))
+        return row
+
+    def _micro_views(self, batches: Any, times: dict[str, float]) -> Iterator[torch.Tensor]:
+        """This step's micro-batches as (2n, 1, S, S, S) views in the training dtype (first views first)."""
         for micro in range(self.batch.grad_accum):
             batch = next(batches)
             if (batch.step, batch.micro) != (self.state.step, micro):
                 raise RuntimeError(f"loader out of step: got {(batch.step, batch.micro)}, expected {(self.state.step, micro)}")
             times["time_data_s"] += batch.data_wait_s
             self.sample_views = (batch.view1[0], batch.view2[0])  # for the occasional image
+            yield torch.cat([batch.view1, batch.view2]).to(self.dtype)  # (2n, 1, S, S, S)
+
+    def _views_again(self, micro: int, times: dict[str, float]) -> torch.Tensor:
+        """Micro-batch `micro` of this step made again by the loader (bit-identical), for a second forward."""
+        t0 = time.perf_counter()
+        batch = self.loader.make(self.state.step, micro)
+        views = torch.cat([batch.view1, batch.view2]).to(self.dtype)  # (2n, 1, S, S, S)
+        times["time_data_s"] += time.perf_counter() - t0
+        return views
+
+    def _plain_micro_steps(
+        self, micro_views: Iterator[torch.Tensor], times: dict[str, float]
+    ) -> tuple[bool, bool, list[float], tuple[torch.Tensor, torch.Tensor] | None]:
+        """NT-Xent per micro-batch (negatives: micro x world); returns finite, stepped, losses, last embeddings."""
+        engine = self.engine
+        losses: list[float] = []
+        finite, stepped = True, False
+        z_last: tuple[torch.Tensor, torch.Tensor] | None = None
+        for views in micro_views:
             t0 = time.perf_counter()
-            views = torch.cat([batch.view1, batch.view2]).to(self.dtype)  # (2n, 1, S, S, S)
-            z = engine(views)  # (2n, D)
-            z1, z2 = z.chunk(2)  # (n, D) each
-            loss = nt_xent(z1, z2, spec.loss.temperature)
+            z1, z2 = engine(views).chunk(2)  # (n, D) each
+            loss = nt_xent(z1, z2, self.spec.loss.temperature)
             finite = dist.all_ranks_true(finite and bool(torch.isfinite(loss)))
             if not finite and self.batch.grad_accum == 1:
                 times["time_fwd_bwd_s"] += time.perf_counter() - t0
@@ -240,28 +300,18 @@ class Trainer:
             t1 = time.perf_counter()
             engine.step()
             times["time_optimizer_s"] += time.perf_counter() - t1
+            stepped = True
             losses.append(float(loss.detach()))
             z_last = (z1.detach(), z2.detach())
-        if finite and not engine.was_step_applied():
-            finite = False  # the loss was finite, the gradients were not: DeepSpeed refused the update
-        if not finite:
-            self._skip_step()
-        row: dict[str, Any] = {
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "lr": lr,
-            "skipped": not finite,
-            **times,
-        }
-        if finite:
-            row["grad_norm"] = _as_float(engine.get_global_grad_norm())
-            if z_last is not None:
-                row.update(contrastive_metrics(*z_last, spec.loss.temperature))
-        return row
+        return finite, stepped, losses, z_last
 
-    def _skip_step(self) -> None:
-        """Account for a non-finite step; stop (with a checkpoint) after too many in a row."""
+    def _skip_step(self, stepped: bool) -> None:
+        """Account for a non-finite step; stop (with a checkpoint) after too many in a row.
+
+        stepped: the step's micro-batches reached DeepSpeed's optimizer step, which must have voided it.
+        """
         engine = self.engine
-        if self.batch.grad_accum > 1 and engine.was_step_applied():
+        if stepped and engine.was_step_applied():
             raise TrainingError(
                 "a non-finite loss reached an optimizer that does not skip such steps",
                 where=self.spec.where("train.grad_accum"),

@@ -30,7 +30,8 @@ import torch
 
 from ds_simclr.errors import DataError
 from ds_simclr.rundir import RunPaths
-from ds_simclr.spec import RunSpec, load_spec
+from ds_simclr.spec import RunSpec
+from ds_simclr.specload import load_spec
 
 NNSSL_ARCHITECTURE = {"resenc_l": "ResEncL"}
 """nnSSL preset names; the other encoders are described by DynamicArchitecturePlans kwargs."""

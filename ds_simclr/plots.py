@@ -74,7 +74,7 @@ def sample_views(paths: RunPaths) -> tuple[torch.Tensor, torch.Tensor]:
     """The two views of the run's first sample (step 0, slot 0), remade on the CPU."""
     from ds_simclr.data.loader import PairLoader
     from ds_simclr.data.source import resolve_store
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
 
     spec = load_spec(paths.spec)
     loader = PairLoader(
@@ -93,7 +93,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     """Write plots/loss.png, plots/lr.png and plots/views.png for a run directory."""
     from ds_simclr.planning import plot_lr_curve
     from ds_simclr.schedule import planned_lrs
-    from ds_simclr.spec import load_spec
+    from ds_simclr.specload import load_spec
     from ds_simclr.telemetry import read_metrics
 
     paths = RunPaths(Path(run_dir))

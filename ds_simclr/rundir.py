@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from ds_simclr.errors import SpecError
-from ds_simclr.spec import RESUME_MUTABLE_FIELDS, RunSpec, dump_spec
+from ds_simclr.spec import RESUME_MUTABLE_FIELDS, RunSpec
+from ds_simclr.specload import dump_spec
 
 TAG_PATTERN = re.compile(r"step_(\d+)")
 

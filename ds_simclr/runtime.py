@@ -3,7 +3,7 @@
 torchrun and the DeepSpeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; mpirun exports its
 own variables, which are mapped here (no mpi4py needed); a plain `python` start is a world of one.
 On a CPU machine DeepSpeed's shared-memory comm op is switched off before init, so nothing is
-JIT-compiled (training does not need it).
+JIT-compiled (training does not need it); on a GPU cuDNN's benchmark mode is switched on.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_simclr.errors import LaunchError
 from ds_simclr.hostlist import free_port
 
 # (rank, world size, local rank, local world size) variables of the process managers we support:
@@ -56,7 +57,9 @@ def export_rank_env() -> None:
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> Placement:
-    """Start the process group (idempotent) and pick this rank's device."""
+    """Start the process group (idempotent) and pick this rank's device.
+
+    Raises LaunchError (one line) for `nccl` on a rank without CUDA: torch would fail with a traceback."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     export_rank_env()
@@ -66,11 +69,14 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> Pl
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # shapes repeat every step: cuDNN times its algorithms once
     else:
         device = torch.device("cpu")
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise LaunchError("nccl needs CUDA GPUs and this rank has none", where="distributed.backend", hint="use auto or gloo")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,

@@ -1,26 +1,21 @@
-"""The run spec: one validated YAML file that every other artefact is derived from.
+"""The run spec's schema: one validated document that every other artefact is derived from.
 
-`load_spec` reads YAML safely, applies `--set` overrides to the raw mapping, validates everything
-with the strict models below and resolves paths (``$VARS`` expand, relative paths resolve against
-the spec file's folder). Errors come out as one `SpecError` line naming the file, the YAML line
-where there is one, and the dotted field. Nothing heavy is imported here: `validate` and `config`
-must start fast.
+The strict models below say what a run is; `ds_simclr.specload` reads them from YAML (`load_spec`,
+`--set` overrides, one-line errors). Nothing heavy is imported here: `validate` and `config` must
+start fast.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ds_simclr.architectures import check_input_shape
 from ds_simclr.data.options import DataSpec, ViewsSpec
-from ds_simclr.errors import SpecError
 from ds_simclr.evaluation.options import EvalSpec
 from ds_simclr.specbase import StrictModel
 
@@ -36,6 +31,9 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "data.prefetch",
         "data.cache_dir",
         "views.device",
+        "train.activation_checkpointing",
+        "train.channels_last",
+        "train.compile",
         "distributed",
         "checkpoint",
         "logging",
@@ -52,8 +50,10 @@ class ModelSpec(StrictModel):
     names, loadable by nnU-Net/nnSSL adaptation code); `resenc_s` and `resenc_tiny` are smaller
     members of the same family for CPU runs and tests."""
 
-    in_channels: int = Field(1, ge=1, le=16)
-    """Input channels (MRI modalities stacked per sample). nnSSL pretrains with 1."""
+    in_channels: int = Field(1, ge=1)
+    """Input channels per sample. Only 1 is supported (nnSSL pretrains with 1): the data path reads
+    one image per sample and stacks no modalities; to train on several modalities, list them in
+    `data.modalities` and each image becomes a sample of its own."""
 
     head_hidden: int = Field(2048, ge=1)
     """Width of the projection head's hidden layers (nnSSL: 2048)."""
@@ -66,9 +66,19 @@ class ModelSpec(StrictModel):
 
     init_from: Path | None = None
     """Start from the weights of an export (`ds_simclr export`, or an nnSSL adaptation checkpoint)
-    instead of a random initialisation: its encoder must match `encoder` and `in_channels` (a
-    1-channel input projection is repeated for more channels); its projection head is taken when
-    the shapes match `head_*`, else the head starts random."""
+    instead of a random initialisation: its encoder must match `encoder` with 1 input channel; its
+    projection head is taken when the shapes match `head_*`, else the head starts random. Only a
+    fresh run uses it (a resumed run continues from its checkpoint)."""
+
+    @field_validator("in_channels")
+    @classmethod
+    def _single_channel(cls, channels: int) -> int:
+        if channels != 1:
+            raise ValueError(
+                "only 1 is supported: samples are single images, no modalities are stacked"
+                " (list modalities in data.modalities to train on each as its own sample)"
+            )
+        return channels
 
 
 class LossSpec(StrictModel):
@@ -137,7 +147,8 @@ class TrainSpec(StrictModel):
 
     global_batch: int = Field(ge=1)
     """Pairs per optimizer step over all ranks (= micro_batch x grad_accum x world size).
-    Negatives per anchor are 2 x micro_batch x world size - 2; accumulation adds none."""
+    Negatives per anchor are 2 x micro_batch x world size - 2 (accumulation adds none), or
+    2 x global_batch - 2 with `gradient_cache`. At least 2 pairs: one pair has no negatives."""
 
     micro_batch: int | Literal["auto"] = "auto"
     """Pairs per rank per micro-step, or `auto`: global_batch / (world size x grad_accum), which
@@ -146,6 +157,15 @@ class TrainSpec(StrictModel):
     grad_accum: int | None = Field(None, ge=1)
     """Micro-steps per optimizer step. Default: 1 with `micro_batch: auto`, otherwise whatever
     makes the global batch come out."""
+
+    gradient_cache: bool = False
+    """Make every pair of an optimizer step a negative for every other (all micro-batches of all
+    ranks, 2 x global_batch - 2 negatives per anchor) with the activation memory of one
+    micro-batch: each micro-batch is forwarded once without a graph, the loss and its gradient
+    with respect to the embeddings of the whole step are computed, then each micro-batch is
+    forwarded again (its views made again by the loader) and backpropagated (Gao et al. 2021,
+    arXiv 2101.06983). Costs about one extra forward per micro-batch (~1/3 more compute). Exact: the
+    same loss and gradient as one micro-batch of global_batch pairs."""
 
     epochs: int = Field(1, ge=1)
     """Epochs to train; an epoch is `steps_per_epoch` optimizer steps."""
@@ -171,11 +191,37 @@ class TrainSpec(StrictModel):
     """Stop (with a checkpoint) after this many consecutive steps with a non-finite loss. Each
     such step is skipped on every rank: no parameter update."""
 
+    activation_checkpointing: bool = False
+    """Keep only the input of the encoder's stem and of each stage for backward and run their
+    forward again there (torch.utils.checkpoint, non-reentrant): about a third more compute for
+    less activation memory (the full-resolution stages dominate: the recipe's estimate per GPU
+    falls from 54 to 41 GiB; `ds_simclr plan` shows both). Same results."""
+
+    channels_last: bool = False
+    """Views and every activation of the encoder in channels_last_3d (NDHWC) memory format, the
+    layout cuDNN's bf16 3D convolutions run natively on recent GPUs (the instance norms keep it;
+    weights stay as DeepSpeed keeps them). Same results."""
+
+    compile: bool = False
+    """`torch.compile` the encoder (Inductor fuses norms and activations). The first steps compile
+    (minutes for ResEnc-L on a GPU); state-dict names are unchanged. Needs Triton on a GPU, a C++
+    compiler on the CPU."""
+
     @field_validator("micro_batch")
     @classmethod
     def _positive_micro(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < 1:
             raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+    @field_validator("global_batch")
+    @classmethod
+    def _has_negatives(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(
+                f"global_batch {value} has no negatives: a contrastive batch needs at least 2 pairs"
+                " (one pair trains with loss 0 and gradient 0)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -225,6 +271,10 @@ class DistributedSpec(StrictModel):
 
     threads_per_rank: int | None = Field(None, ge=1)
     """OMP_NUM_THREADS per rank; default: cores per node / ranks per node."""
+
+    gpu_memory_gib: float = Field(80.0, gt=0.0, le=4096.0)
+    """Memory of one GPU in GiB (80: H100 or A100 80 GB; 140: H200). `ds_simclr plan` warns, with
+    the fix, when its estimate of the peak memory per rank exceeds it."""
 
     @field_validator("nodes", "procs_per_node")
     @classmethod
@@ -372,151 +422,3 @@ class RunSpec(StrictModel):
         ratio = self.train.global_batch / self.optimizer.base_batch
         factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.optimizer.lr_scaling]
         return self.optimizer.lr * factor
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
-    """Read, override, validate and resolve a spec file. Raises `SpecError` with one line."""
-    path = Path(path)
-    raw, root_node = _read_yaml(path)
-    for override in overrides or []:
-        _apply_override(raw, override, path)
-    raw.setdefault("name", path.stem)
-    try:
-        spec = RunSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise _spec_error(exc, path, root_node, overrides or []) from None
-    spec._source = str(path)
-    return resolve_paths(spec, base_dir=path.resolve().parent)
-
-
-def spec_from_mapping(raw: dict[str, Any], where: str = "<spec>") -> RunSpec:
-    """Validate an in-memory mapping (a saved run spec, a test) with the same one-line errors."""
-    try:
-        spec = RunSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise _spec_error(exc, Path(where), None, []) from None
-    spec._source = where
-    return spec
-
-
-def dump_spec(spec: RunSpec) -> str:
-    """The resolved spec as YAML (what a run directory keeps as `spec.yaml`)."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-
-
-def resolve_paths(model: StrictModel, base_dir: Path) -> Any:
-    """Expand `$VARS` and anchor relative paths at `base_dir` in every Path field, at any depth.
-
-    Unset variables stay as written; the data commands check paths where data is used.
-    """
-    for field_name in type(model).model_fields:
-        value = getattr(model, field_name)
-        if isinstance(value, StrictModel):
-            resolve_paths(value, base_dir)
-        elif isinstance(value, Path):
-            expanded = Path(os.path.expanduser(os.path.expandvars(str(value))))
-            if not expanded.is_absolute() and not str(expanded).startswith("$"):
-                expanded = base_dir / expanded
-            setattr(model, field_name, expanded)
-    return model
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
-    if not path.is_file():
-        raise SpecError("spec file not found", where=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read the spec: {exc}", where=str(path)) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = exc.problem or exc.context or "malformed YAML"
-        if "could not determine a constructor" in str(exc):
-            problem = "tags such as !!python/... are not allowed in a spec"
-        raise SpecError(f"invalid YAML: {problem}", where=where) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"invalid YAML: {exc}", where=str(path)) from None
-    if raw is None:
-        raise SpecError("the spec is empty", where=str(path), hint="see ds_configs/quickstart.yaml")
-    if not isinstance(raw, dict):
-        raise SpecError(
-            f"the spec must be a mapping of sections, not a {type(raw).__name__}", where=str(path)
-        )
-    return raw, node
-
-
-def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise SpecError(f"--set expects key=value with a dotted key, got {override!r}", where=str(path))
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise SpecError(f"--set {key}: cannot parse value {text!r}", where=str(path)) from None
-    target = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = target.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SpecError(f"--set {key}: {part} is not a section", where=str(path))
-        target = child
-    target[parts[-1]] = value
-
-
-def _spec_error(exc: ValidationError, path: Path, root: yaml.Node | None, overrides: list[str]) -> SpecError:
-    """Turn the first pydantic error into one line: file:line: dotted.field: message."""
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-after")]
-    loc = [part for part in loc if part not in ("int", "literal['auto']", "constrained-int")]
-    dotted = ".".join(loc)
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = f"unknown key {loc[-1]!r}" + _did_you_mean(loc)
-    elif first["type"] == "missing":
-        message = "required field is missing"
-    overridden = any(o.partition("=")[0] == dotted for o in overrides)
-    line = None if overridden else _line_of(root, loc)
-    where = f"{path}:{line}" if line else str(path)
-    where += f": {'--set ' if overridden else ''}{dotted}" if dotted else ""
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return SpecError(message + more, where=where)
-
-
-def _did_you_mean(loc: list[str]) -> str:
-    import difflib
-
-    model: type[StrictModel] | None = RunSpec
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if model else None
-        annotation = field.annotation if field else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, StrictModel) else None
-    if model is None:
-        return ""
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _line_of(node: yaml.Node | None, loc: list[str]) -> int | None:
-    """1-based YAML line of the deepest node on `loc` that exists."""
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((kv for kv in node.value if kv[0].value == part), None)
-            if match is None:
-                break
-            line = match[0].start_mark.line + 1
-            node = match[1]
-        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
-            node = node.value[int(part)]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line

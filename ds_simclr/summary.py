@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ds_simclr.dsconfig import check_batch
 from ds_simclr.spec import RunSpec
+
+
+def negatives_line(spec: RunSpec) -> str:
+    """Negatives per anchor: a number when the world size is fixed (or the gradient cache makes it
+    independent of it), else the formula. Raises BatchArithmeticError for a split that cannot work."""
+    batch, train = check_batch(spec), spec.train
+    if train.gradient_cache:
+        return f"{2 * train.global_batch - 2} per anchor (2 x global_batch - 2: every pair of a step, gradient cache)"
+    if batch is not None:
+        return f"{batch.negatives_per_anchor} per anchor (2 x {batch.micro_batch} micro x {batch.world_size} ranks - 2)"
+    return "2 x micro_batch x world size - 2 per anchor (accumulation adds none; see train.gradient_cache)"
 
 
 def spec_summary(spec: RunSpec, spec_path: Path) -> str:
@@ -22,6 +34,7 @@ def spec_summary(spec: RunSpec, spec_path: Path) -> str:
             f" -> {spec.model.head_out}, temperature {spec.loss.temperature}",
             f"  batch        global {train.global_batch} pairs, micro {micro}, accumulation"
             f" {train.grad_accum or 'default'}",
+            f"  negatives    {negatives_line(spec)}",
             f"  length       {train.total_steps:,} steps ({train.epochs} epochs x {train.steps_per_epoch}"
             + (f", stopped at {train.max_steps}" if train.max_steps else "")
             + ")",

@@ -2,9 +2,9 @@
 
 `model.init_from` names an nnSSL adaptation checkpoint (ours from `ds_simclr export`, or one nnSSL
 wrote): its encoder, found by the plan's `key_to_stem` / `key_to_encoder` prefixes, must match the
-run's encoder tensor for tensor; the projection head is taken too when the file has it with the
-same shapes, else it keeps its seeded initialisation. A 1-channel input projection is repeated
-(and divided by the channel count) for a run with more input channels, as nnU-Net's loader does.
+run's encoder tensor for tensor (a run trains on single images: an export for more input channels
+is refused); the projection head is taken too when the file has it with the same shapes, else it
+keeps its seeded initialisation.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _read_export(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict]
 
 def warm_start(model: torch.nn.Module, path: Path, where: str) -> str:
     """Copy an export's encoder (and matching head) into `model`; returns what was taken, in words."""
-    from ds_simclr.export import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ
+    from ds_simclr.export import KEY_TO_ENCODER, KEY_TO_STEM
 
     weights, plan = _read_export(Path(path), f"{where}: {path}")
     prefixes = {plan.get("key_to_stem", KEY_TO_STEM): KEY_TO_STEM, plan.get("key_to_encoder", KEY_TO_ENCODER): KEY_TO_ENCODER}
@@ -42,11 +42,6 @@ def warm_start(model: torch.nn.Module, path: Path, where: str) -> str:
         for theirs, mine in prefixes.items():
             if key.startswith(theirs + "."):
                 renamed[mine + key[len(theirs):]] = value
-    in_proj = [key + ".weight" for key in plan.get("keys_to_in_proj", KEYS_TO_IN_PROJ)]
-    channels = ours[KEYS_TO_IN_PROJ[0] + ".weight"].shape[1]
-    for key in in_proj:
-        if key in renamed and renamed[key].shape[1] == 1 < channels:
-            renamed[key] = renamed[key].repeat(1, channels, 1, 1, 1) / channels
     encoder_keys = [key for key in ours if key.startswith(("encoder.",))]
     head_keys = [key for key in ours if not key.startswith("encoder.")]
     state = dict(ours)
@@ -56,7 +51,7 @@ def warm_start(model: torch.nn.Module, path: Path, where: str) -> str:
         if renamed[key].shape != ours[key].shape:
             raise DataError(
                 f"{key} has shape {tuple(renamed[key].shape)} in the export, the run's model wants {tuple(ours[key].shape)}",
-                where=f"{where}: {path}", hint="export and model.encoder / model.in_channels must match",
+                where=f"{where}: {path}", hint="export and model.encoder must match (1 input channel)",
             )
         state[key] = renamed[key]
     head = all(key in weights and weights[key].shape == ours[key].shape for key in head_keys)
@@ -73,7 +68,11 @@ def initial_model(spec: RunSpec, seed: int | None = None, warm: bool = True) -> 
 
     torch.manual_seed(spec.seed if seed is None else seed)
     model = build_model(
-        spec.model.encoder, spec.model.in_channels, spec.model.head_hidden, spec.model.head_out, spec.model.head_layers
+        spec.model.encoder,
+        in_channels=spec.model.in_channels,
+        head_hidden=spec.model.head_hidden,
+        head_out=spec.model.head_out,
+        head_layers=spec.model.head_layers,
     )
     if warm and spec.model.init_from is not None:
         return model, warm_start(model, spec.model.init_from, spec.where("model.init_from"))

@@ -36,7 +36,7 @@ def train_and_capture(mapping: dict) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from ds_simclr.engine import Trainer
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     trainer = Trainer(spec_from_mapping(mapping))
     module = trainer.engine.module

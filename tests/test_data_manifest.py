@@ -77,3 +77,13 @@ def test_masks_are_resolved(tmp_path: Path) -> None:
         tmp_path / "m.json", [("a.nii", T1, "T1w")], associated_masks={"anatomy_mask": T1, "anonymization_mask": None}
     )
     assert load_manifest(m)[0].anatomy_mask == Path(T1)
+
+
+def test_two_images_with_one_id_are_refused(tmp_path: Path) -> None:
+    m = write_manifest(tmp_path / "m.json", [("a.nii", T1, "T1w")])
+    raw = json.loads(m.read_text())
+    session = raw["datasets"]["Dataset001_Test"]["subjects"]["sub-00"]["sessions"]["ses-1"]
+    session["images"].append({**session["images"][0], "name": "a.nii.gz"})  # same id: the extension is not part of it
+    m.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="two images share the id TestCollection__Dataset001_Test__sub-00__ses-1__a"):
+        load_manifest(m)

@@ -49,12 +49,14 @@ def test_bad_images_are_skipped_with_reasons(mixed: tuple[Path, Path]) -> None:
     manifest, store = mixed
     report = preprocess(manifest, store, jobs=2, progress=False)
     reasons = {s["id"].split("__")[-1]: s["reason"] for s in report.skipped}
-    assert sorted(reasons) == ["corrupt", "empty", "flat", "fourd", "nan"]
+    assert sorted(reasons) == ["corrupt", "empty", "flat", "fourd"]
     assert reasons["corrupt"].startswith("unreadable")
-    assert "NaN" in reasons["nan"]
-    assert "not a 3D image" in reasons["flat"] and "not a 3D image" in reasons["fourd"]
+    assert reasons["flat"].startswith("one slice, not a 3D volume")
+    assert reasons["fourd"].startswith("2 volumes")
     assert reasons["empty"].startswith("empty")
-    assert len(report.processed) == 2
+    assert len(report.processed) == 3
+    nan_id = next(uid for uid in report.processed if uid.endswith("__nan"))
+    assert json.loads((store / "images" / f"{nan_id}.json").read_text())["non_finite"] == 27
     on_disk = json.loads((store / "report.json").read_text())
     assert {s["id"] for s in on_disk["skipped"]} == {s["id"] for s in report.skipped}
     for name in ("plan.json", "fingerprint.json", "store.json", "pretrain_data.json"):
@@ -85,8 +87,8 @@ def test_rerun_reuses_and_overwrite_redoes(mixed: tuple[Path, Path]) -> None:
     manifest, store = mixed
     preprocess(manifest, store, jobs=1, progress=False)
     report = preprocess(manifest, store, jobs=1, progress=False)
-    assert len(report.reused) == 2 and not report.processed
-    assert len(preprocess(manifest, store, jobs=1, progress=False, overwrite=True).processed) == 2
+    assert len(report.reused) == 3 and not report.processed
+    assert len(preprocess(manifest, store, jobs=1, progress=False, overwrite=True).processed) == 3
 
 
 def test_other_plan_is_refused(mixed: tuple[Path, Path]) -> None:
@@ -112,15 +114,17 @@ def test_disagreeing_qform_and_sform_follow_the_sform(tmp_path: Path) -> None:
     img.set_sform(sform, code=2)
     path = tmp_path / "both.nii.gz"
     nib.save(img, str(path))
-    sitk_img, reader = read_volume(path)
-    assert reader == "nibabel-sform"
+    vol = read_volume(path)
+    sitk_img = vol.grid.image(vol.array)
+    assert vol.reader == "nibabel-sform" and "qform and sform disagree: the sform is used" in vol.assumptions
     ras = sform @ np.array([3, 4, 5, 1.0])
     lps = sitk_img.TransformIndexToPhysicalPoint((3, 4, 5))
     assert lps == pytest.approx((-ras[0], -ras[1], ras[2]))
     assert sitk_img.GetPixel(3, 4, 5) == pytest.approx(data[3, 4, 5])
     agree = tmp_path / "plain.nii.gz"
     _save(agree, data, sform)
-    ours, reference = read_volume(agree)[0], sitk.ReadImage(str(agree))
+    vol = read_volume(agree)
+    ours, reference = vol.grid.image(vol.array), sitk.ReadImage(str(agree))
     assert ours.GetOrigin() == pytest.approx(reference.GetOrigin())
     assert ours.GetDirection() == pytest.approx(reference.GetDirection())
     assert ours.GetSpacing() == pytest.approx(reference.GetSpacing())

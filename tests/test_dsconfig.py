@@ -14,7 +14,7 @@ from ds_simclr.dsconfig import deepspeed_config, plan_batch, working_world_sizes
 from ds_simclr.errors import BatchArithmeticError
 from ds_simclr.planning import default_world_size
 from ds_simclr.schedule import planned_lrs
-from ds_simclr.spec import load_spec
+from ds_simclr.specload import load_spec
 
 SSL3D = CONFIGS / "ssl3d_resencl_3x4.yaml"
 QUICKSTART = CONFIGS / "quickstart.yaml"

@@ -42,7 +42,7 @@ def _equivalence_worker(mapping: dict, zero_stage: int, optimizer: str, steps: i
     from ds_simclr.loss import nt_xent
     from ds_simclr.model import build_model
     from ds_simclr.runtime import init_distributed
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     spec = spec_from_mapping(mapping)
     place = init_distributed("gloo", 2)
@@ -123,7 +123,7 @@ def _trainer_worker(mapping: dict, stop_at: int | None, nan_steps: tuple[int, ..
     """Run the real Trainer; NaN is injected into rank 1's first view at the given steps."""
     from ds_simclr.engine import Trainer
     from ds_simclr.errors import TrainingError
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     trainer = Trainer(spec_from_mapping(mapping))
     real_iterate = trainer.loader.iterate
@@ -188,7 +188,7 @@ def test_resume_is_bit_exact_on_two_ranks(demo_cache: Path, tmp_path: Path) -> N
 
 def test_nonfinite_step_is_skipped_on_every_rank(demo_cache: Path, tmp_path: Path) -> None:
     from ds_simclr.schedule import planned_lrs
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     mapping = tiny_spec_mapping(demo_cache, tmp_path, precision="bf16", max_steps=4)
     results = run_ranks(_trainer_worker, 2, mapping, None, (1,))  # step index 1 = optimizer step 2
@@ -224,7 +224,7 @@ def test_changed_spec_is_refused_on_resume(demo_cache: Path, tmp_path: Path) -> 
 def test_nonfinite_micro_batch_with_accumulation_skips_the_whole_step(demo_cache: Path, tmp_path: Path) -> None:
     """grad_accum 2, bf16 ZeRO-1: a NaN in one rank's micro-batches voids the whole optimizer step."""
     from ds_simclr.schedule import planned_lrs
-    from ds_simclr.spec import spec_from_mapping
+    from ds_simclr.specload import spec_from_mapping
 
     mapping = tiny_spec_mapping(demo_cache, tmp_path, precision="bf16", max_steps=3, grad_accum=2)
     results = run_ranks(_trainer_worker, 2, mapping, None, (1,))

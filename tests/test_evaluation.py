@@ -86,7 +86,7 @@ def test_the_run_started_from_its_init_from(short_run: dict) -> None:
 @pytest.fixture(scope="module")
 def evaluated(short_run: dict) -> dict:
     run = short_run["run"]
-    cmd = [sys.executable, "-m", "ds_simclr.cli", "evaluate", str(run), "--patches-per-class", "3", "--resamples", "2"]
+    cmd = [sys.executable, "-m", "ds_simclr.cli", "evaluate", str(run), "--patches-per-class", "2", "--resamples", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"stdout": done.stdout, "report": json.loads((run / "eval" / "step_4" / "eval.json").read_text()), **short_run}

@@ -120,7 +120,7 @@ def test_architecture_plans_build_the_same_encoder_in_dna(encoder: str) -> None:
     from ds_simclr.model import build_model
 
     if encoder == "resenc_l":
-        from ds_simclr.spec import load_spec
+        from ds_simclr.specload import load_spec
 
         spec = load_spec(CONFIGS / "ssl3d_resencl_3x4.yaml")
         assert architecture_plans(spec.model.encoder)["arch_class_name"] == "ResEncL"

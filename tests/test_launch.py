@@ -31,7 +31,7 @@ from ds_simclr.launch import (
     rank_pids,
     remote_signal_cmd,
 )
-from ds_simclr.spec import load_spec
+from ds_simclr.specload import load_spec
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
 SLURM_VARS = ("SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_JOB_ID",

@@ -16,7 +16,7 @@ import pytest
 from helpers import CONFIGS, REPO
 
 from ds_simclr.launch import EXIT_STOPPED, rank_pids
-from ds_simclr.spec import load_spec
+from ds_simclr.specload import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -105,7 +105,8 @@ def test_preemption_signal_checkpoints_and_resume_continues(tmp_path: Path, demo
     stopped_at = int(tag.split("_")[1])
     assert 2 <= stopped_at < 40 and "stopped on SIGUSR1" in text
     # the relaunch continues from the checkpoint (stop it early: the point is where it starts)
-    result = subprocess.run([*cmd, "--set", f"train.max_steps={stopped_at + 2}"], capture_output=True, text=True,
-                            timeout=240, cwd=REPO)
+    relaunch = launch_cmd(tmp_path, demo_cache, "torchrun", f"train.max_steps={stopped_at + 2}",
+                          "checkpoint.every_steps=100")
+    result = subprocess.run(relaunch, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert steps(run)[-2:] == [stopped_at + 1, stopped_at + 2]

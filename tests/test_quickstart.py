@@ -7,6 +7,7 @@ an offline W&B run exists and is continued (same id) by a resumed job, the plots
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,15 @@ from helpers import CONFIGS, REPO
 
 from ds_simclr.cli import main
 from ds_simclr.schedule import planned_lrs
-from ds_simclr.spec import load_spec
+from ds_simclr.specload import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
 FIELDS = {
     "step", "epoch", "loss", "lr", "skipped", "skipped_steps", "grad_norm", "positive_top1", "alignment",
-    "uniformity", "pairs_per_s", "views_per_s", "time_data_s", "time_fwd_bwd_s", "time_optimizer_s", "time_step_s",
+    "uniformity", "rankme", "pairs_per_s", "views_per_s", "time_data_s", "time_fwd_bwd_s", "time_optimizer_s",
+    "time_step_s",
 }
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -58,6 +60,14 @@ def test_quickstart_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
 
     spec = load_spec(run / "spec.yaml")
     assert [r["lr"] for r in metrics] == pytest.approx(planned_lrs(spec), rel=1e-9, abs=1e-12)
+
+    # The online probe every 10 % of the quickstart's 100 steps costs < 5 % of those steps' training time.
+    every = spec.eval.every_steps
+    assert every == spec.train.epochs * spec.train.steps_per_epoch // 10
+    probed = [r for r in metrics if "probe_logreg_mirrored" in r]
+    assert [r["step"] for r in probed] == list(range(every, steps + 1, every))
+    step_time = statistics.median(r["time_step_s"] for r in metrics)
+    assert all(r["time_eval_s"] < 0.05 * every * step_time for r in probed), (probed, step_time)
 
     (wandb_run,) = offline_runs(run)
     assert list(wandb_run.glob("run-*.wandb")), "no offline W&B run file"

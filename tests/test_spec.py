@@ -14,7 +14,8 @@ from helpers import CONFIGS
 
 from ds_simclr.cli import main
 from ds_simclr.errors import SpecError
-from ds_simclr.spec import RunSpec, load_spec
+from ds_simclr.spec import RunSpec
+from ds_simclr.specload import load_spec
 
 MINIMAL = {
     "data": {"demo": True, "patch_size": 48},
@@ -127,6 +128,19 @@ BAD_SPECS: dict[str, str] = {
     "crop larger than patch": with_change("views.crop_min", 64),
     "view not divisible by stride": with_change("views.output_size", 36),
     "wandb mode": with_change("logging.wandb_mode", "cloud"),
+    "key given twice": "optimizer:\n  lr: 0.001\n  weight_decay: 0.0\n  lr: 0.1\n" + with_change("seed", 1),
+    "section given twice": with_change("seed", 1) + "train:\n  global_batch: 16\n",
+    "key given twice in a flow mapping": with_change("seed", 1) + "loss: {temperature: 0.1, temperature: 0.2}\n",
+    "key given twice inside a list": with_change("seed", 1) + "extra: [{a: 1, a: 2}]\n",
+    "yaml 1.1 boolean in a list of text": with_change("data.modalities", ["T1w", "MODALITY"]).replace("MODALITY", "NO"),
+    "yaml 1.1 boolean as text": with_change("logging.wandb_project", "PROJECT").replace("PROJECT", "off"),
+    "yaml 1.1 boolean in an integer field": with_change("train.epochs", 2).replace("epochs: 2", "epochs: yes"),
+    "yaml 1.1 boolean in a number pair": with_change("optimizer.betas", [0.9, 0.999]).replace("- 0.9\n", "- on\n"),
+    "date as text": with_change("name", "NAME").replace("NAME", "2024-01-01"),
+    "number as text": with_change("logging.wandb_project", "PROJECT").replace("PROJECT", "1e3"),
+    "null in a list of text": with_change("data.modalities", ["T1w", None]),
+    "fractional exponent in an integer field": with_change("train.max_steps", 3).replace("max_steps: 3", "max_steps: 2.5e0"),
+    "stacked input channels": with_change("model.in_channels", 4),
 }
 
 
@@ -138,6 +152,99 @@ def test_bad_spec_exits_2_with_one_line(case: str, tmp_path: Path, capsys) -> No
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"error: {path}") and "Traceback" not in err
+
+
+BAD_SETS: dict[str, list[str]] = {
+    "boolean in a list of text": ["data.modalities=[T1w, NO]"],
+    "boolean in an integer field": ["train.epochs=on"],
+    "date as text": ["name=2024-01-01"],
+    "fractional exponent in an integer field": ["train.max_steps=2.5e0"],
+    "key given twice in one value": ["train={global_batch: 8, steps_per_epoch: 4, global_batch: 16}"],
+    "same key set twice": ["train.max_steps=3", "train.max_steps=5"],
+    "stacked input channels": ["model.in_channels=2"],
+    "not key=value": ["train.max_steps"],
+    "not a section": ["seed.value=3"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETS))
+def test_bad_set_exits_2_with_one_line(case: str, tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    argv = ["validate", str(path)]
+    for override in BAD_SETS[case]:
+        argv += ["--set", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}") and "Traceback" not in err
+
+
+def test_duplicate_key_names_the_key_and_both_lines(tmp_path: Path) -> None:
+    text = yaml.safe_dump(MINIMAL, sort_keys=False) + "optimizer:\n  lr: 0.001\n  betas: [0.9, 0.99]\n  lr: 0.1\n"
+    path = write(tmp_path, text)
+    first = text.splitlines().index("  lr: 0.001") + 1
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.one_line() == f"{path}:{first + 2}: optimizer.lr: given twice, on lines {first} and {first + 2}; keep one"
+    whole = write(tmp_path, text.replace("optimizer:", "train:\n  global_batch: 4\noptimizer:"), "section.yaml")
+    with pytest.raises(SpecError, match=r"section.yaml:\d+: train: given twice, on lines \d+ and \d+"):
+        load_spec(whole)
+
+
+def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    text = with_change("seed", 1).replace("train:\n", "train:\n  <<: {global_batch: 4, epochs: 3}\n")
+    spec = load_spec(write(tmp_path, text))
+    assert spec.train.global_batch == 8 and spec.train.epochs == 3  # the explicit key wins, as YAML says
+    twice = write(tmp_path, text.replace("epochs: 3}", "epochs: 3, epochs: 4}"), "twice.yaml")
+    with pytest.raises(SpecError, match=r"train.epochs: given twice"):
+        load_spec(twice)
+
+
+@pytest.mark.parametrize(
+    ("written", "reading"),
+    [("NO", "the boolean false"), ("off", "the boolean false"), ("Yes", "the boolean true"), ("~", "null (no value)")],
+)
+def test_type_errors_say_what_yaml_read(written: str, reading: str, tmp_path: Path) -> None:
+    path = write(tmp_path, with_change("data.modalities", ["T1w", "X"]).replace("- X", f"- {written}"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.one_line().endswith(
+        f"data.modalities.1: Input should be a valid string (YAML read `{written}` as {reading};"
+        f" write '{written}' in quotes if you meant the text)"
+    )
+    quoted = write(tmp_path, with_change("data.modalities", ["T1w", written]), "quoted.yaml")
+    assert load_spec(quoted).data.modalities == ["T1w", written]
+
+
+def test_booleans_are_not_numbers(tmp_path: Path) -> None:
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    with pytest.raises(SpecError, match=r"--set train.epochs: expected a number, not the boolean true \(YAML read `yes`"):
+        load_spec(path, ["train.epochs=yes"])
+    with pytest.raises(SpecError, match=r"optimizer.betas: expected a number, not the boolean false"):
+        load_spec(path, ["optimizer.betas=[0.9, off]"])
+    assert load_spec(path, ["data.demo=yes"]).data.demo is True  # a boolean field takes YAML's booleans
+    assert load_spec(path, ["data.modalities=[y, n]"]).data.modalities == ["y", "n"]  # PyYAML keeps y/n as text
+
+
+def test_exponent_numbers_are_numbers(tmp_path: Path) -> None:
+    text = yaml.safe_dump(MINIMAL, sort_keys=False).replace("steps_per_epoch: 4", "steps_per_epoch: 4\n  max_steps: 1e3")
+    spec = load_spec(write(tmp_path, text + "optimizer: {lr: 3e-4, eps: 1.0e-6}\n"))
+    assert spec.train.max_steps == 1000 and isinstance(spec.train.max_steps, int)
+    assert spec.optimizer.lr == 3e-4 and spec.optimizer.eps == 1e-6
+    spec = load_spec(write(tmp_path, yaml.safe_dump(MINIMAL), "set.yaml"), ["train.global_batch=1.6E1", "loss.temperature=5e-1"])
+    assert spec.train.global_batch == 16 and spec.loss.temperature == 0.5
+
+
+def test_dumped_spec_reads_back_equal(tmp_path: Path) -> None:
+    """Text that looks like a number or a boolean is quoted when a run directory keeps the spec."""
+    from ds_simclr.specload import dump_spec
+
+    path = write(tmp_path, with_change("name", "NAME").replace("NAME", "'1e3'") + "logging: {wandb_project: 'off'}\n")
+    spec = load_spec(path, ["data.modalities=['NO', '2024-01-01']"])
+    assert (spec.name, spec.logging.wandb_project, spec.data.modalities) == ("1e3", "off", ["NO", "2024-01-01"])
+    again = load_spec(write(tmp_path, dump_spec(spec), "dumped.yaml"))
+    assert again.model_dump() == spec.model_dump()
 
 
 def test_missing_spec_file(tmp_path: Path, capsys) -> None:

@@ -11,7 +11,7 @@ from helpers import CONFIGS, tiny_spec_mapping
 from ds_simclr.cli import main
 from ds_simclr.errors import DataError
 from ds_simclr.model import build_model
-from ds_simclr.spec import spec_from_mapping
+from ds_simclr.specload import spec_from_mapping
 from ds_simclr.warmstart import initial_model
 
 STEM = "encoder.stem.convs.0.conv.weight"
@@ -54,15 +54,6 @@ def test_a_head_of_another_size_keeps_its_seeded_start(tmp_path: Path) -> None:
     assert "projection head" not in words
 
 
-def test_a_one_channel_input_projection_is_repeated(tmp_path: Path) -> None:
-    source = _source()
-    spec = _spec(tmp_path, _save(tmp_path / "e.pth", source.state_dict()), in_channels=4)
-    model, _ = initial_model(spec)
-    expected = source.state_dict()[STEM].repeat(1, 4, 1, 1, 1) / 4
-    assert torch.equal(model.state_dict()[STEM], expected)
-    assert torch.equal(model.state_dict()["encoder.stem.convs.0.all_modules.0.weight"], expected)
-
-
 def test_an_nnssl_checkpoint_with_a_decoder_and_other_prefixes(tmp_path: Path) -> None:
     """nnSSL MAE checkpoints hold a whole ResidualEncoderUNet (decoder too); the plan says where the encoder is."""
     dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
@@ -80,13 +71,15 @@ def test_an_nnssl_checkpoint_with_a_decoder_and_other_prefixes(tmp_path: Path) -
     assert "projection head" not in words
 
 
-@pytest.mark.parametrize("case", ["missing", "not_torch", "other_encoder", "no_weights"])
+@pytest.mark.parametrize("case", ["missing", "not_torch", "other_encoder", "four_channels", "no_weights"])
 def test_a_bad_export_is_one_line_naming_the_field(tmp_path: Path, case: str) -> None:
     path = tmp_path / "e.pth"
     if case == "not_torch":
         path.write_text("not a checkpoint")
     elif case == "other_encoder":
         _save(path, _source("resenc_s").state_dict())
+    elif case == "four_channels":  # a fine-tuned multi-modal export: runs train on single images
+        _save(path, _source(in_channels=4).state_dict())
     elif case == "no_weights":
         torch.save({"state_dict": {}}, path)
     with pytest.raises(DataError) as info:
@@ -95,6 +88,8 @@ def test_a_bad_export_is_one_line_naming_the_field(tmp_path: Path, case: str) ->
     assert "model.init_from" in line and str(path) in line and "\n" not in line
     if case == "other_encoder":
         assert "encoder.stem.convs.0.conv.weight has shape (16, 1, 3, 3, 3)" in line
+    if case == "four_channels":
+        assert f"{STEM} has shape (8, 4, 3, 3, 3) in the export, the run's model wants (8, 1, 3, 3, 3)" in line
 
 
 def test_launch_refuses_a_missing_init_from_before_anything_starts(tmp_path: Path, capsys) -> None:

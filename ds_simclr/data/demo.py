@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_simclr.data.manifest import collection_dict
+from ds_simclr.data.manifest import MANIFEST_NAME, collection_dict
 from ds_simclr.errors import DataError
 
-MANIFEST_NAME = "pretrain_data.json"
 _DEBIAN = {
     "colin27_t1": Path("/usr/share/mricron/templates/ch2.nii.gz"),
     "itk_kmeans_t1": Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz"),

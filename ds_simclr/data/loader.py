@@ -6,6 +6,7 @@ view) only, so batches are identical for any worker count, rank split, or resume
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -79,6 +80,7 @@ class PairLoader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._again_stream = copy.deepcopy(self.stream)  # `make`'s own: the producer thread owns self.stream
 
     def _read(self, epoch: int, slot: int, index: int) -> np.ndarray:
         size = self.data.patch_size
@@ -114,6 +116,17 @@ class PairLoader:
         pairs = [make_views(patches, [draw_view(self.recipe, size, (self.seed, epoch, s, v)) for s in slots], self.recipe) for v in (1, 2)]
         view1, view2 = (p.to(self.device, non_blocking=True) for p in pairs)
         return PairBatch(step, micro, epoch, view1, view2, 0.0, slots)
+
+    def make(self, step: int, micro: int) -> PairBatch:
+        """This rank's part of micro-batch `micro` of optimizer step `step`, made now in the calling thread.
+
+        Bit-identical to what `iterate` yields for it (every draw is a function of seed, epoch, slot and
+        view), so a second forward over a micro-batch needs no kept copy of its views (the gradient cache).
+        """
+        epoch = step // self.layout.steps_per_epoch
+        slots = self.layout.slots(step, micro, self.rank)
+        arrays = [self._read(epoch, slot, self._again_stream.index(epoch, slot)) for slot in slots]
+        return self._assemble(step, micro, epoch, slots, arrays)
 
     def _produce(self, start_step: int, out: queue.Queue) -> None:
         try:

@@ -9,6 +9,7 @@ image with `name`, `image_path`, `modality`, optional `associated_masks` (`anony
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ from pydantic import ValidationError
 
 from ds_simclr.errors import DataError
 from ds_simclr.specbase import StrictModel
+
+
+MANIFEST_NAME = "pretrain_data.json"
+"""nnSSL's file name for a manifest."""
 
 
 class AssociatedMasks(StrictModel):
@@ -105,10 +110,18 @@ class ManifestImage:
     field: str
 
 
-def _uid(*parts: object) -> str:
-    name = "__".join(str(p) for p in parts)
-    name = re.sub(r"\.(nii\.gz|nii|nrrd|mha|mhd|nhdr)$", "", name)
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
+"""File name endings of the volumes preprocessing reads (NIfTI through nibabel, the others through SimpleITK)."""
+_EXTENSION = re.compile("(" + "|".join(re.escape(e) for e in IMAGE_EXTENSIONS) + ")$")
+
+
+def image_uid(*parts: object) -> str:
+    """An image's id: collection, dataset, subject, session and name joined by `__`, without the extension.
+
+    Characters outside `[A-Za-z0-9._-]` become `-`, so two names can share an id; the id names the
+    image's files in the store and must be unique in a manifest.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", _EXTENSION.sub("", "__".join(str(p) for p in parts)))
 
 
 def resolve_path(raw: str, base: Path, where: str) -> Path:
@@ -164,7 +177,7 @@ def load_manifest(path: Path, *, modalities: list[str] | None = None, check_file
                     anat = masks.anatomy_mask if masks else None
                     images.append(
                         ManifestImage(
-                            uid=_uid(collection.collection_name, ds.dataset_index, subj_key, sess_key, img.name),
+                            uid=image_uid(collection.collection_name, ds.dataset_index, subj_key, sess_key, img.name),
                             dataset=ds_key,
                             subject=subj_key,
                             session=sess_key,
@@ -174,9 +187,9 @@ def load_manifest(path: Path, *, modalities: list[str] | None = None, check_file
                             field=field,
                         )
                     )
-    uids = [im.uid for im in images]
-    if len(set(uids)) != len(uids):
-        dup = next(u for u in uids if uids.count(u) > 1)
+    counts = Counter(im.uid for im in images)
+    dup = next((uid for uid, n in counts.items() if n > 1), None)
+    if dup is not None:
         raise DataError(f"two images share the id {dup}", where=str(path), hint="give images distinct names per session")
     if check_files:
         missing = [(im, p) for im in images for p in (im.path, im.anatomy_mask) if p is not None and not p.is_file()]

@@ -1,26 +1,35 @@
 """Manifest -> fingerprint + plan -> preprocessed patch store (nnU-Net's staged habit).
 
-Per image (SimpleITK): read (see `volume_io`), reorient to RAS, crop to the non-zero box, z-score
-over the anatomy mask (or the non-zero voxels), resample to the plan's spacing (B-spline for images,
-nearest for masks), write a float16 `.npy` and a JSON sidecar. Images run in parallel processes; a
-rerun skips images whose outputs exist. An image that cannot be used (unreadable, not 3D, empty,
-non-finite) is skipped and listed with its reason in `report.json`; the others are unaffected.
+Per image (`process_image`): read (see `volume_io`; what it had to assume is noted), set NaN and
++-inf voxels to 0 (counted), find the foreground (`Plan.foreground`, see `foreground`), crop to its
+box, z-score over the anatomy mask or else the foreground (voxels outside an Otsu foreground are
+set to the background first), reorient to RAS, resample to the plan's spacing (see `resample`: cubic
+B-spline, nearest across thick slices), write a float16 `.npy` and a JSON sidecar (the record).
+Images run in parallel processes; a rerun skips images whose outputs exist. An image that cannot be
+used (unreadable, one slice, several volumes, empty, constant) or that fails at any stage is
+skipped and listed with its reason in `report.json`; the others are unaffected.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ds_simclr.data.foreground import FOREGROUNDS, Foreground
 from ds_simclr.data.manifest import ManifestImage, collection_dict, load_manifest
 from ds_simclr.data.store import STORE_DTYPE, StoreEntry, write_index
 from ds_simclr.errors import DataError
+
+if TYPE_CHECKING:
+    from ds_simclr.data.volume_io import Grid
 
 IMAGES_DIR = "images"
 
@@ -32,9 +41,16 @@ class Plan:
     target_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     orientation: str = "RAS"
     normalization: str = "zscore over anatomy_mask, else over non-zero voxels"
+    foreground: Foreground = "nonzero"
+    """Voxels that are the subject, for cropping and z-score statistics: `nonzero` (nnSSL's rule) or
+    `otsu` (a head mask for raw heads with a noisy background; see `ds_simclr.data.foreground`)."""
     image_interpolation: str = "bspline3"
     mask_interpolation: str = "nearest"
     dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.foreground not in FOREGROUNDS:
+            raise DataError(f"unknown foreground {self.foreground!r}", where="foreground", hint=f"one of {', '.join(FOREGROUNDS)}")
 
 
 @dataclass
@@ -55,86 +71,135 @@ class SkipImage(Exception):
     """This image cannot be used; the message is the reason given in the report."""
 
 
-def _fingerprint(img: Any, arr: np.ndarray, fg: np.ndarray, reader: str) -> dict[str, Any]:
-    import SimpleITK as sitk
-
-    vals = arr[fg]
-    return {
-        "shape": list(img.GetSize()),
-        "spacing": list(img.GetSpacing()),
-        "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection()),
-        "reader": reader,
-        "mean": float(vals.mean()),
-        "std": float(vals.std()),
-        "min": float(vals.min()),
-        "max": float(vals.max()),
-        "p00_5": float(np.percentile(vals, 0.5)),
-        "p99_5": float(np.percentile(vals, 99.5)),
-    }
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
-def _resample(img: Any, spacing: tuple[float, float, float], interp: int, default: float) -> Any:
-    import SimpleITK as sitk
+@contextmanager
+def _stage(failure: str) -> Iterator[None]:
+    """Any error inside, but SkipImage, becomes SkipImage("<failure>: <error type>: <message>")."""
+    try:
+        yield
+    except SkipImage:
+        raise
+    except Exception as exc:  # one image's failure, whatever it is, must not end the run
+        raise SkipImage(f"{failure}: {type(exc).__name__}: {_one_line(exc)}") from exc
 
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), img.GetSpacing(), spacing)]
-    return sitk.Resample(
-        img, size, sitk.Transform(), interp, img.GetOrigin(), spacing, img.GetDirection(), default, sitk.sitkFloat32
-    )
+
+def _statistics(array: np.ndarray, region: np.ndarray) -> dict[str, float]:
+    """Mean, std (population), min, max and 0.5/99.5 percentiles of `array[region]`.
+
+    Works on one float32 copy of the region's values (no float64 copy); sums in float64.
+    """
+    values = array[region]
+    stats = {"mean": float(values.mean(dtype=np.float64)), "min": float(values.min()), "max": float(values.max())}
+    low, high = np.percentile(values, [0.5, 99.5], overwrite_input=True)
+    values -= np.float32(stats["mean"])
+    np.square(values, out=values)
+    stats |= {"std": float(np.sqrt(values.mean(dtype=np.float64))), "p00_5": float(low), "p99_5": float(high)}
+    return stats
+
+
+def _read_anatomy_mask(path: Path, like: Grid, shape: tuple[int, ...]) -> np.ndarray:
+    from ds_simclr.data.volume_io import read_volume
+
+    mask = read_volume(path)
+    if mask.array.shape != shape:
+        raise SkipImage(f"anatomy mask size {list(mask.array.shape[::-1])} differs from image size {list(shape[::-1])}")
+    if not np.allclose(mask.grid.direction, like.direction, atol=1e-3) or not np.allclose(mask.grid.spacing, like.spacing, rtol=1e-3):
+        raise SkipImage("anatomy mask grid (spacing or direction) differs from the image's")
+    return mask.array > 0
 
 
 def process_image(item: ManifestImage, plan: Plan, out_dir: Path) -> dict[str, Any]:
-    """Preprocess one image into the store; returns its sidecar record or raises SkipImage."""
+    """Preprocess one image into the store; returns its sidecar record or raises SkipImage.
+
+    The record: `entry` (the store index row), `source`, `fingerprint` (size, spacing, orientation,
+    reader and intensity statistics of the original), `non_finite` (voxels set to 0), `foreground`
+    (method, voxels, threshold), `resampling` (mode, slice axis, original spacing) and `assumptions`
+    (what was assumed or repaired, in words). Memory: a few times the volume's float32 size.
+    """
+    with _stage("preprocessing failed"):
+        return _process_image(item, plan, out_dir)
+
+
+def _process_image(item: ManifestImage, plan: Plan, out_dir: Path) -> dict[str, Any]:
     import SimpleITK as sitk
 
+    from ds_simclr.data.foreground import bounding_box, foreground_mask, zero_non_finite
+    from ds_simclr.data.resample import resample
     from ds_simclr.data.volume_io import NotAVolume, read_volume
 
-    try:
-        img, reader = read_volume(item.path)
-    except NotAVolume as exc:
-        raise SkipImage(str(exc)) from exc
-    except Exception as exc:  # any reader failure means this file is unusable, not a bug of ours
-        raise SkipImage(f"unreadable: {' '.join(str(exc).split())[:200]}") from exc
-    img = sitk.DICOMOrient(img, plan.orientation)
-    arr = sitk.GetArrayFromImage(img)
-    if not np.isfinite(arr).all():
-        raise SkipImage("contains NaN or infinite values")
-    mask = None
-    if item.anatomy_mask is not None:
+    with _stage("unreadable"):
         try:
-            m_img, _ = read_volume(item.anatomy_mask)
-            m_img = sitk.DICOMOrient(m_img, plan.orientation)
-        except Exception as exc:
-            raise SkipImage(f"anatomy mask unreadable: {' '.join(str(exc).split())[:200]}") from exc
-        if m_img.GetSize() != img.GetSize():
-            raise SkipImage(f"anatomy mask size {m_img.GetSize()} differs from image size {img.GetSize()}")
-        mask = sitk.GetArrayFromImage(m_img) > 0
-    nonzero = arr != 0
-    if not nonzero.any():
+            vol = read_volume(item.path)
+        except NotAVolume as exc:
+            raise SkipImage(str(exc)) from exc
+    array, grid, reader, assumptions = vol.array, vol.grid, vol.reader, vol.assumptions
+    del vol
+    non_finite = zero_non_finite(array)
+    if not array.any():
+        if non_finite:
+            raise SkipImage(f"no finite foreground ({non_finite} non-finite voxels, all others zero)")
         raise SkipImage("empty image (all voxels are zero)")
-    fg = mask if mask is not None and mask.any() else nonzero
-    finger = _fingerprint(img, arr, fg, reader)
-    if finger["std"] <= 0:
+    with _stage("foreground failed"):
+        fg, threshold = foreground_mask(array, grid.spacing, plan.foreground)
+    box = bounding_box(fg)
+    if box is None:
+        raise SkipImage(f"no foreground found ({plan.foreground})")
+    region = fg
+    if item.anatomy_mask is not None:
+        with _stage("anatomy mask unreadable"):
+            mask = _read_anatomy_mask(item.anatomy_mask, grid, array.shape)
+        region = mask if mask.any() else fg
+    with _stage("statistics failed"):
+        stats = _statistics(array, region)
+    if stats["std"] <= 0:
         raise SkipImage("constant foreground (zero standard deviation)")
-    box = np.argwhere(nonzero)
-    (z0, y0, x0), (z1, y1, x1) = box.min(0), box.max(0) + 1
-    img = img[int(x0) : int(x1), int(y0) : int(y1), int(z0) : int(z1)]
-    mean, std = finger["mean"], finger["std"]
-    img = sitk.ShiftScale(img, -mean, 1.0 / std)
+    finger = {
+        "shape": list(array.shape[::-1]),
+        "spacing": list(grid.spacing),
+        "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(grid.direction),
+        "reader": reader,
+    } | stats
+    foreground = {"method": plan.foreground, "voxels": int(np.count_nonzero(fg)), "threshold": threshold}
+    mean, std = stats["mean"], stats["std"]
     pad_value = -mean / std
-    img = _resample(img, plan.target_spacing, sitk.sitkBSpline, pad_value)
-    out = sitk.GetArrayFromImage(img).astype(STORE_DTYPE)
+    crop = array[box].copy()
+    if plan.foreground != "nonzero":
+        crop[~fg[box]] = 0  # outside the subject is background, as zeros are for `nonzero`
+    del array, fg, region
+    crop -= np.float32(mean)
+    crop *= np.float32(1.0 / std)
+    with _stage("reorientation failed"):
+        img = grid.image(crop, (box[0].start, box[1].start, box[2].start))
+        del crop
+        img = sitk.DICOMOrient(img, plan.orientation)
+    with _stage("resampling failed"):
+        img, resampling = resample(img, plan.target_spacing, pad_value)
+        out = sitk.GetArrayViewFromImage(img).astype(STORE_DTYPE)
+        del img
     rel = f"{IMAGES_DIR}/{item.uid}.npy"
-    tmp = out_dir / f"{rel}.tmp.npy"
-    np.save(tmp, out)
-    tmp.replace(out_dir / rel)
     record = {
         "entry": {"id": item.uid, "file": rel, "shape": list(out.shape), "modality": item.modality, "pad_value": pad_value},
         "source": str(item.path),
         "fingerprint": finger,
+        "non_finite": non_finite,
+        "foreground": foreground,
+        "resampling": resampling,
+        "assumptions": assumptions,
     }
+    tmp = out_dir / f"{rel}.tmp.npy"
     side = out_dir / IMAGES_DIR / f"{item.uid}.json"
-    side.with_suffix(".json.tmp").write_text(json.dumps(record, indent=1))
-    side.with_suffix(".json.tmp").replace(side)
+    with _stage("writing failed"):
+        try:
+            np.save(tmp, out)
+            tmp.replace(out_dir / rel)
+            side.with_suffix(".json.tmp").write_text(json.dumps(record, indent=1))
+            side.with_suffix(".json.tmp").replace(side)
+        finally:
+            tmp.unlink(missing_ok=True)
+            side.with_suffix(".json.tmp").unlink(missing_ok=True)
     return record
 
 
@@ -175,19 +240,21 @@ def preprocess(
     overwrite: bool = False,
     progress: bool = True,
     spacing: float = 1.0,
+    foreground: Foreground = "nonzero",
 ) -> Report:
     """Preprocess every image of an nnSSL manifest into a patch store at `out_dir`.
 
     Writes `plan.json`, `fingerprint.json`, `images/*.npy` (+ sidecars), `store.json` (the index the
     loader reads), `pretrain_data.json` (the preprocessed images in nnSSL's format) and `report.json`.
-    `jobs` processes work in parallel; finished images are reused unless `overwrite`.
+    `jobs` processes work in parallel; finished images are reused unless `overwrite`. `foreground`
+    is `Plan.foreground`.
     """
     if jobs < 1:
         raise DataError(f"jobs must be >= 1, got {jobs}", where="--jobs")
+    plan = Plan(target_spacing=(spacing, spacing, spacing), foreground=foreground)
     items = load_manifest(Path(manifest_path))
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    plan = Plan(target_spacing=(spacing, spacing, spacing))
     _check_plan(out_dir, plan, overwrite)
     report = Report(out_dir=out_dir)
     records: dict[str, dict[str, Any]] = {}

@@ -196,7 +196,8 @@ def _oriented(path: Path) -> tuple[np.ndarray, int]:
     from ds_simclr.data.preprocess import Plan
     from ds_simclr.data.volume_io import read_volume
 
-    img = sitk.DICOMOrient(read_volume(path)[0], Plan().orientation)
+    volume = read_volume(path)
+    img = sitk.DICOMOrient(volume.grid.image(volume.array), Plan().orientation)
     direction = np.array(img.GetDirection()).reshape(3, 3)  # columns: index axes in LPS space
     return sitk.GetArrayFromImage(img), 2 - int(np.abs(direction[0]).argmax())  # array axes are (z, y, x)
 

@@ -16,7 +16,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 RAW_GRID = 8
@@ -44,11 +48,6 @@ def raw_features(patches: np.ndarray, grid: int = RAW_GRID) -> np.ndarray:
 
 
 def _pipelines() -> dict[str, object]:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     return {
         "logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
         "knn": make_pipeline(StandardScaler(), KNeighborsClassifier(KNN_NEIGHBOURS)),
@@ -58,8 +57,6 @@ def _pipelines() -> dict[str, object]:
 def region_scores(train_x: np.ndarray, train_y: np.ndarray, tests: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """Balanced accuracy of each classifier on each test set: keys `<classifier>` + `_<test>` suffix
     (`logreg`, `logreg_mirrored`, `knn`, ...; the test named "" has no suffix)."""
-    from sklearn.metrics import balanced_accuracy_score
-
     scores = {}
     with threadpool_limits(**SERIAL_BLAS):
         for name, classifier in _pipelines().items():
@@ -104,10 +101,6 @@ def voxel_features(maps: list[torch.Tensor], flat: np.ndarray, size: int) -> np.
 def structure_dice(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                    n_structures: int) -> float:
     """Mean Dice of labels 1..n_structures after a logistic regression on standardised voxel features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     with threadpool_limits(**SERIAL_BLAS):
         predicted = classifier.fit(train_x, train_y).predict(test_x)

@@ -111,7 +111,11 @@ class SlurmSim:
         _run("ip", "link", "set", BRIDGE, "up")
         for i, h in enumerate(HOSTS, 1):
             if Path(f"/run/netns/{h}").exists():
-                raise RuntimeError(f"network namespace {h} already exists (another cluster running?)")
+                if _run("ip", "netns", "pids", h, check=False).stdout.strip():
+                    raise RuntimeError(f"network namespace {h} already exists and runs processes (another cluster?)")
+                # left by a killed test session: nothing runs in it, so it is ours to reclaim
+                _run("ip", "link", "del", f"veth-{h}", check=False)
+                _run("ip", "netns", "del", h)
             _run("ip", "netns", "add", h)
             self.namespaces.append(h)
             _run("ip", "link", "add", f"veth-{h}", "type", "veth", "peer", "name", "eth0", "netns", h)
