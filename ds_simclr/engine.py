@@ -195,7 +195,7 @@ class Trainer:
         if self.rank_zero and fresh and spec.model.init_from is not None:
             print(f"init_from: starting from the {origin}", flush=True)
         self.probe = None
-        if spec.eval.every_steps:
+        if spec.probes_online:
             from ds_simclr.evaluation.online import OnlineProbe
 
             self.probe = _on_rank_zero(lambda: OnlineProbe(spec, self.place.device), "load the evaluation volume")

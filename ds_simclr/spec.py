@@ -389,6 +389,12 @@ class RunSpec(StrictModel):
         return self
 
     @property
+    def probes_online(self) -> bool:
+        """Whether the run probes at all: `eval.every_steps` is on and within the run's steps (only
+        then does it need the evaluation volume)."""
+        return 0 < self.eval.every_steps <= self.train.total_steps
+
+    @property
     def eval_patch_size(self) -> int:
         """Edge of the online probe's patches: `eval.patch_size`, else `views.output_size`."""
         return self.eval.patch_size or self.views.output_size

@@ -374,7 +374,7 @@ def _one_run(mapping: dict[str, Any]) -> dict[str, Any]:
     from ds_simclr.telemetry import read_metrics
 
     spec = spec_from_mapping(mapping)
-    if spec.eval.every_steps:  # as `launch` does before the ranks start
+    if spec.probes_online:  # as `launch` does before the ranks start
         from ds_simclr.evaluation.atlas import ensure_eval_set
 
         ensure_eval_set(spec.data.cache_dir)

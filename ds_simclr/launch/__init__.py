@@ -87,7 +87,7 @@ def launch(
     if dry_run:
         echo(describe(chosen, plan))
         return 0
-    if spec.eval.every_steps:  # the online probe's volume, ready before the ranks start (they only load it)
+    if spec.probes_online:  # the online probe's volume, ready before the ranks start (they only load it)
         from ds_simclr.evaluation.atlas import ensure_eval_set
 
         ensure_eval_set(spec.data.cache_dir)
