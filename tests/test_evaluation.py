@@ -133,3 +133,26 @@ def test_evaluate_a_folder_without_checkpoint_exits_2(tmp_path: Path, capsys) ->
     (tmp_path / "spec.yaml").write_text("{}")
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(("size", "words"), [(20, "does not fit encoder 'resenc_tiny'"), (4, "does not fit"),
+                                             (600, "larger than the evaluation volume")])
+def test_evaluate_refuses_a_patch_size_in_one_line(short_run: dict, size: int, words: str, capsys) -> None:
+    assert main(["evaluate", str(short_run["run"]), "--patch-size", str(size)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--patch-size {size}: " in err and words in err and "\n" not in err
+
+
+def test_an_online_probe_larger_than_the_volume_names_the_field(eval_cache: Path, tmp_path: Path) -> None:
+    from helpers import tiny_spec_mapping
+
+    from ds_simclr.evaluation.online import OnlineProbe
+    from ds_simclr.specload import spec_from_mapping
+
+    mapping = tiny_spec_mapping(eval_cache, tmp_path)
+    mapping["eval"] = {"every_steps": 1, "patch_size": 256}
+    with pytest.raises(DataError) as info:
+        OnlineProbe(spec_from_mapping(mapping), torch.device("cpu"))
+    assert "eval.patch_size: 256^3 patches are larger than the evaluation volume" in info.value.one_line()

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ds_simclr.architectures import check_input_shape
+from ds_simclr.errors import DataError
 from ds_simclr.evaluation.atlas import LEFT, REGIONS, RIGHT, STRUCTURES, EvalSet, ensure_eval_set, load_eval_set
-from ds_simclr.evaluation.patches import mirror, region_split, sample_voxels, structure_tiles
+from ds_simclr.evaluation.patches import check_patch_edge, mirror, region_split, sample_voxels, structure_tiles
 from ds_simclr.evaluation.probes import (
     encoder_features,
     raw_features,
@@ -125,8 +127,13 @@ def evaluate_run(run_dir: Path, tag: str | None = None, options: EvalOptions = E
     started = time.perf_counter()
     paths, spec, tag = open_run(run_dir, tag)
     size = options.patch_size or spec.views.output_size
-    ensure_eval_set(spec.data.cache_dir)
-    ev = load_eval_set(spec.data.cache_dir)
+    try:
+        check_input_shape(spec.model.encoder, (size, size, size))
+        ensure_eval_set(spec.data.cache_dir)
+        ev = load_eval_set(spec.data.cache_dir)
+        check_patch_edge(ev, size)
+    except ValueError as exc:
+        raise DataError(str(exc), where=f"--patch-size {size}") from None
     protocol = _Protocol(ev, size, options)
     dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
     device = _device(options.device)

@@ -12,8 +12,9 @@ import time
 
 import torch
 
+from ds_simclr.errors import DataError
 from ds_simclr.evaluation.atlas import load_eval_set
-from ds_simclr.evaluation.patches import mirror, region_split
+from ds_simclr.evaluation.patches import check_patch_edge, mirror, region_split
 from ds_simclr.evaluation.probes import encoder_features, region_scores
 from ds_simclr.spec import RunSpec
 
@@ -23,6 +24,10 @@ class OnlineProbe:
 
     def __init__(self, spec: RunSpec, device: torch.device) -> None:
         ev = load_eval_set(spec.data.cache_dir)
+        try:
+            check_patch_edge(ev, spec.eval_patch_size)
+        except ValueError as exc:
+            raise DataError(str(exc), where=spec.where("eval.patch_size")) from None
         split = region_split(ev, spec.eval_patch_size, spec.eval.patches_per_class, spec.seed)
         self.train, self.train_labels = split.train, split.train_labels
         self.test, self.test_labels = mirror(split.test, ev.lr_axis), split.test_labels

@@ -34,6 +34,12 @@ class RegionSplit:
         return len(self.train), len(self.test)
 
 
+def check_patch_edge(ev: EvalSet, size: int) -> None:
+    """Raise ValueError when cubes of edge `size` (voxels) exceed the evaluation volume's shortest side."""
+    if size > min(ev.image.shape):
+        raise ValueError(f"{size}^3 patches are larger than the evaluation volume {tuple(ev.image.shape)}")
+
+
 def _cut(volume: np.ndarray, centres: np.ndarray, size: int, pad_value: float) -> np.ndarray:
     """(n, 3) centre voxels -> (n, size, size, size) cubes in the volume's dtype, padded outside."""
     half = size // 2
