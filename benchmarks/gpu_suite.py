@@ -80,22 +80,21 @@ def peak_tflops(device: torch.device) -> float | None:
 def write_store(root: Path, volumes: int, edge: int, seed: int = 0) -> list[np.ndarray]:
     """A store of smooth random volumes (low-pass noise, z-scored, float16); returns them as float32.
 
-    Written with the store module's own entry and index (what preprocessing writes).
+    Written with the store module's own writers (what preprocessing writes).
     """
-    from ds_simclr.data.store import STORE_DTYPE, StoreEntry, write_index
+    from ds_simclr.data.store import write_index, write_volume
 
-    (root / "images").mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
     coarse = max(4, edge // 8)
-    entries, arrays = [], []
+    arrays = []
     for i in range(volumes):
         noise = torch.randn(1, 1, coarse, coarse, coarse, generator=g)
         vol = F.interpolate(noise, size=(edge,) * 3, mode="trilinear", align_corners=False)[0, 0]
         vol = ((vol - vol.mean()) / vol.std()).numpy()
-        np.save(root / "images" / f"syn{i:03d}.npy", vol.astype(STORE_DTYPE))
-        entries.append(StoreEntry(f"syn{i:03d}", f"images/syn{i:03d}.npy", vol.shape, "T1w", float(vol.min())))
+        write_volume(root, f"syn{i:03d}", vol)
         arrays.append(vol)
-    write_index(root, entries)
+    ids = [f"syn{i:03d}" for i in range(volumes)]
+    write_index(root, ids, [a.shape for a in arrays], [float(a.min()) for a in arrays], ["T1w"] * volumes)
     return arrays
 
 

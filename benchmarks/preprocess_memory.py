@@ -82,7 +82,7 @@ def _memory_worker(path: str, spacing: float, foreground: str, out: str) -> dict
         "cpu_seconds": time.process_time() - start_cpu,
         "before_mib": before / 1024,
         "peak_mib": _status_kib("VmHWM") / 1024,
-        "out_shape": record["entry"]["shape"],
+        "out_shape": record["shape"],
         "mode": record["resampling"]["mode"],
     }
 

@@ -112,9 +112,23 @@ def train(
 ) -> int:
     """The worker each launcher starts on every rank (users rarely call it)."""
     from ds_simclr.engine import train as run_training
+    from ds_simclr.errors import FollowOnError
+    from ds_simclr.rank_report import another_rank_failed, report_rank_error, reserve_report
+    from ds_simclr.rundir import RunPaths
     from ds_simclr.specload import load_spec
 
-    run_training(load_spec(spec_path, overrides), run_dir=run_dir, stop_at=stop_at)
+    errors = RunPaths(run_dir).errors if run_dir else None
+    reserve_report(errors)
+    try:
+        run_training(load_spec(spec_path, overrides), run_dir=run_dir, stop_at=stop_at)
+    except UserError as exc:  # under `launch`, which prints it once for the whole job
+        if report_rank_error(errors, exc):
+            raise typer.Exit(exc.exit_code) from None
+        raise
+    except Exception:  # e.g. a collective broken because that rank left: its report says why
+        if another_rank_failed(errors) and report_rank_error(errors, FollowOnError("another rank failed")):
+            raise typer.Exit(1) from None
+        raise
     return 0
 
 
@@ -133,8 +147,10 @@ def launch(
 ) -> int:
     """Resolve the cluster (local, hostfile or SLURM), write the run directory, start the launcher.
 
-    Exit status: the launcher's; 75 when a SIGTERM/SIGUSR1 stopped the run with a checkpoint (run the
-    same command again to resume, e.g. after `scontrol requeue`).
+    Exit status: 0 finished; 2 a user error (also one a rank found); 3 too many non-finite steps;
+    73/74 the run directory is not writable / out of space; 75 a SIGTERM/SIGUSR1/SIGINT stopped the
+    run before its end (run the same command again to resume, e.g. after `scontrol requeue`);
+    otherwise the launcher's (a crashed rank: run the same command to resume).
     """
     from ds_simclr.launch import launch as run_launch
     from ds_simclr.specload import load_spec
@@ -159,7 +175,7 @@ def hostfile(
     if output == "-":
         typer.echo(text, nl=False)
     else:
-        from ds_simclr.rundir import write_atomic
+        from ds_simclr.atomic import write_atomic
 
         write_atomic(Path(output), text)
 
@@ -228,11 +244,9 @@ def data_preprocess(
     from ds_simclr.data.preprocess import preprocess
 
     report = preprocess(manifest, out, jobs=jobs, overwrite=overwrite, progress=True, foreground=foreground)
-    typer.echo(
-        f"{len(report.processed)} preprocessed, {len(report.reused)} reused, {len(report.skipped)} skipped -> {out}"
-    )
-    for skipped in report.skipped:
-        typer.echo(f"  skipped {skipped['path']}: {skipped['reason']}", err=True)
+    typer.echo(report.summary())
+    for line in report.skipped_lines():
+        typer.echo(line, err=True)
 
 
 @bench_app.command("views")

@@ -3,8 +3,10 @@
 Every rank runs the same steps. Per micro-batch the loss is checked for finiteness and the ranks
 agree on it before backward, so a bad step is skipped everywhere (no update; the LR schedule still
 advances so it stays equal to the plan). Checkpoints are DeepSpeed's own (`step_<N>` tags) with a
-client state holding our step counters; `latest` is written only after every rank has finished
-writing. A stop request (SIGTERM, SIGUSR1) is agreed on at a step boundary, then the run
+client state holding our step counters; one counts only once complete (`checkpoint.py`). Before
+anything is written rank 0 takes the run directory's lock, checks the spec and the checkpoints,
+picks the newest complete one and, on another world size, converts it to a universal checkpoint
+(`runstart.py`). A stop request (SIGTERM, SIGUSR1) is agreed on at a step boundary, then the run
 checkpoints and exits cleanly so a relaunch resumes.
 
 With `train.gradient_cache` (and grad_accum > 1) a step is one NT-Xent over all its pairs, checked
@@ -32,12 +34,17 @@ import numpy as np
 import torch
 
 from ds_simclr import dist
+from ds_simclr.atomic import write_atomic
+from ds_simclr.checkpoint import commit, find_resume_point, prune, staging_folder, tag_for, write_latest, write_marker
 from ds_simclr.dsconfig import BatchPlan, deepspeed_config, plan_batch
 from ds_simclr.environment import software
-from ds_simclr.errors import DataError, TrainingError, UserError
+from ds_simclr.errors import CheckpointError, FollowOnError, TrainingError, UserError, storage_error
 from ds_simclr.gradcache import gradient_cache_step
+from ds_simclr.lifeline import tie_to_launcher
 from ds_simclr.loss import contrastive_metrics, nt_xent
-from ds_simclr.rundir import RunPaths, check_resumable, checkpoint_tags, write_atomic, write_run_files
+from ds_simclr.rundir import RunPaths, check_resumable, write_run_files
+from ds_simclr.runlock import RunLock, hold_run_dir
+from ds_simclr.runstart import Start, check_run_dir, plan_start
 from ds_simclr.runtime import Placement, init_distributed
 from ds_simclr.schedule import prime
 from ds_simclr.spec import RunSpec
@@ -107,6 +114,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _environment(place: Placement) -> dict[str, Any]:
     """Software plus the host of every rank (a collective: every rank calls it)."""
     hosts: list[str | None] = [None] * place.world_size
@@ -129,20 +143,21 @@ def quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
 
 
-def _prune_checkpoints(paths: RunPaths, keep_last: int) -> None:
-    for tag in checkpoint_tags(paths)[:-keep_last]:
-        shutil.rmtree(paths.checkpoints / tag, ignore_errors=True)
+def _write_failure(exc: BaseException, doing: str, folder: Path) -> UserError | None:
+    """A one-line StorageError when a failed write was a full disk or an unwritable folder.
 
-
-def save_checkpoint(engine: Any, paths: RunPaths, state: TrainState, keep_last: int) -> str:
-    """Save `step_<N>` on every rank; only then point `latest` at it (atomically) and prune."""
-    tag = f"step_{state.step}"
-    engine.save_checkpoint(str(paths.checkpoints), tag=tag, client_state=state.client_state(), save_latest=False)
-    if dist.is_rank_zero():
-        write_atomic(paths.checkpoints / "latest", tag)
-        _prune_checkpoints(paths, keep_last)
-    torch.distributed.barrier()
-    return tag
+    torch.save reports a full disk as a RuntimeError without errno ("file write failed"); a small
+    probe write into the same folder then tells what the file system says.
+    """
+    found = storage_error(exc, doing, str(folder))
+    if found is not None or not isinstance(exc, RuntimeError):
+        return found
+    try:
+        write_atomic(folder / f".probe{os.getpid()}", b"\0" * 65536)
+        (folder / f".probe{os.getpid()}").unlink()
+    except OSError as probe:
+        return storage_error(probe, doing, str(folder))
+    return None
 
 
 def training_model(spec: RunSpec, warm: bool = True) -> tuple[torch.nn.Module, str]:
@@ -160,34 +175,48 @@ def training_model(spec: RunSpec, warm: bool = True) -> tuple[torch.nn.Module, s
 class Trainer:
     """One rank's part of a run; `run()` trains from the current state to the end (or a stop)."""
 
-    def __init__(self, spec: RunSpec, run_dir: Path | None = None) -> None:
+    def __init__(self, spec: RunSpec, run_dir: Path | None = None, stop: StopRequest | None = None) -> None:
         import deepspeed
 
         from ds_simclr.data.loader import PairLoader
         from ds_simclr.data.source import resolve_store
 
         self.spec = spec
+        self.stop = stop
+        store = resolve_store(spec.data, spec.where("data"))  # made complete by `launch`; never built here
         self.place = init_distributed(spec.distributed.backend, spec.distributed.timeout_minutes)
         self.batch: BatchPlan = plan_batch(spec, self.place.world_size)
         self.ds_config = deepspeed_config(spec, self.place.world_size)
         self.paths = RunPaths(Path(run_dir) if run_dir else spec.run_dir)
         self.rank_zero = self.place.rank == 0
+        self.lock: RunLock | None = None
 
         check_resumable(self.paths, spec)  # every rank checks, so every rank fails alike
         failure: UserError | None = None
+        start: Start | None = None
         if self.rank_zero:
             try:
+                self.lock = hold_run_dir(self.paths.lock)
+                point = check_run_dir(self.paths, spec, store)  # every check before anything is written
+                start = plan_start(self.paths, point, store, self.place.world_size)
                 write_run_files(self.paths, spec, self.ds_config)
-                resolve_store(spec.data)  # builds the demo / preprocesses a manifest once
             except UserError as exc:
                 failure = exc
-        if not dist.all_ranks_true(failure is None):  # also the barrier: the others wait for the data
-            raise failure or DataError("rank 0 could not prepare the run directory or the data (its error says why)")
-        store = resolve_store(spec.data)
+            except OSError as exc:
+                failure = storage_error(exc, "preparing the run directory")
+                if failure is None:
+                    raise
+        if not dist.all_ranks_true(failure is None):  # also the barrier: the others wait for the checks
+            if self.lock is not None:
+                self.lock.release()
+            raise failure or FollowOnError("rank 0 could not prepare the run directory (its error says why)")
+        start = _broadcast(start)
+        self.store_identity = start.store_identity
         environment = _environment(self.place)
         if self.rank_zero:  # keep what `launch` recorded (launcher, command, SLURM job), add the ranks' view
             path = self.paths.environment
             recorded = json.loads(path.read_text()) if path.is_file() else {}
+            environment.update(store=str(store), store_identity=start.store_identity)
             write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
         fresh = self.paths.latest_tag() is None  # a resumed run loads its checkpoint instead
@@ -200,17 +229,18 @@ class Trainer:
 
             self.probe = _on_rank_zero(lambda: OnlineProbe(spec, self.place.device), "load the evaluation volume")
         quiet_deepspeed()
+        # DeepSpeed reads a universal checkpoint only when told so at initialize (this start only).
+        config = {**self.ds_config, "checkpoint": {"load_universal": True}} if start.universal else self.ds_config
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=self.ds_config
+            model=model, model_parameters=model.parameters(), config=config
         )
         self.dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
         self.sample_views: tuple[torch.Tensor, torch.Tensor] | None = None
 
         self.state = TrainState()
-        tag = self.paths.latest_tag()
-        if tag is not None:
-            _, client = self.engine.load_checkpoint(str(self.paths.checkpoints), tag=tag)
-            self.state = TrainState.from_client_state(client)
+        self.start = start
+        if start.load_tag is not None:
+            self.state = self._load(start)
         else:
             prime(self.scheduler)
         self.loader = PairLoader(
@@ -226,6 +256,55 @@ class Trainer:
             world_size=self.place.world_size,
             device=self.place.device,
         )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load(self, start: Start) -> TrainState:
+        """Load the chosen checkpoint (universal when saved on another world size)."""
+        where = str(self.paths.checkpoints / start.load_tag)
+        try:
+            _, client = self.engine.load_checkpoint(str(self.paths.checkpoints), tag=start.load_tag)
+        except Exception as exc:
+            raise CheckpointError(
+                f"DeepSpeed cannot load it: {' '.join(str(exc).split())[:300]}",
+                where=where,
+                hint="move it aside to resume from the checkpoint before it",
+            ) from exc
+        if client is None or "ds_simclr" not in client:
+            raise CheckpointError("DeepSpeed found no checkpoint to load there", where=where)
+        state = TrainState.from_client_state(client)
+        if state.step != start.step:
+            raise CheckpointError(f"holds step {state.step}, its marker says {start.step}", where=where)
+        return state
+
+    def save_checkpoint(self) -> str:
+        """Write `step_<N>`: every rank into staging, then rank 0 marks it complete, moves it into
+        place, points `latest` at it and prunes (see `checkpoint.py`)."""
+        paths, step = self.paths, self.state.step
+        tag, staging = tag_for(step), staging_folder(paths.checkpoints)
+        if self.rank_zero:
+            shutil.rmtree(staging / tag, ignore_errors=True)  # debris of a killed writer
+        torch.distributed.barrier()
+        try:
+            self.engine.save_checkpoint(str(staging), tag=tag, client_state=self.state.client_state(), save_latest=False)
+            if self.rank_zero:  # save_checkpoint returned on every rank: every rank's files are written
+                partitioned = bool(self.engine.zero_optimization() or self.engine.bfloat16_enabled())
+                write_marker(staging / tag, step, self.place.world_size, partitioned, self.store_identity)
+                commit(staging / tag, paths.checkpoints)
+                write_latest(paths.checkpoints, tag)
+                prune(paths.checkpoints, self.spec.checkpoint.keep_last, tag)
+        except Exception as exc:
+            failure = _write_failure(exc, f"writing checkpoint {tag}", paths.checkpoints)
+            if failure is None:
+                raise
+            try:
+                newest = find_resume_point(paths.checkpoints, deep=False)
+            except CheckpointError:
+                newest = None
+            failure.message += f"; {newest.tag if newest else 'no checkpoint'} is the newest complete checkpoint"
+            raise failure from exc
+        torch.distributed.barrier()
+        return tag
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -331,8 +410,9 @@ class Trainer:
 
         spec, total = self.spec, self.spec.train.total_steps
         end = min(total, stop_at) if stop_at is not None else total
-        stop = StopRequest()
-        stop.install()
+        stop = self.stop or StopRequest()
+        if self.stop is None:
+            stop.install()
         metrics = wandb_run = progress = None
         if self.rank_zero:
             metrics = MetricsLog(self.paths.metrics, resume_step=self.state.step)
@@ -344,13 +424,15 @@ class Trainer:
                 spec.name or self.paths.root.name,
                 config={"spec": spec.model_dump(mode="json"), "deepspeed": self.ds_config, "world_size": self.place.world_size},
             )
+            wandb_run.catch_up(metrics.rows_after(wandb_run.logged_through))
             progress = Progress(total, self.state.step)
             watch = CollapseWatch(spec.warmup_steps, self.batch.global_batch, spec.model.head_out)
-        result = TrainResult(self.paths.root, self.state.step, False, self.state.skipped_steps)
+        stopped_at_start = dist.any_rank_true(stop.signal is not None)  # during start-up: nothing to save
+        result = TrainResult(self.paths.root, self.state.step, stopped_at_start, self.state.skipped_steps)
         pairs_per_step = self.batch.global_batch
         batches = self.loader.iterate(self.state.step)
         try:
-            while self.state.step < end:
+            while self.state.step < end and not stopped_at_start:
                 t0 = time.perf_counter()
                 row = self._optimizer_step(batches)
                 self.state.step += 1
@@ -383,7 +465,7 @@ class Trainer:
                     if warning:
                         progress.note(warning)
                 if self.state.step % spec.checkpoint.every_steps == 0 or last or stopping or too_many_bad:
-                    save_checkpoint(self.engine, self.paths, self.state, spec.checkpoint.keep_last)
+                    self.save_checkpoint()
                 if too_many_bad:
                     raise TrainingError(
                         f"{self.state.consecutive_nonfinite} steps in a row had a non-finite loss; stopped at"
@@ -396,10 +478,13 @@ class Trainer:
                     break
         finally:
             self.loader.close()
-            stop.restore()
+            if self.stop is None:
+                stop.restore()
             if self.rank_zero:
                 metrics.close()
                 wandb_run.close()
+            if self.lock is not None:
+                self.lock.release()
         result.steps_done = self.state.step
         result.skipped_steps = self.state.skipped_steps
         if self.rank_zero:
@@ -445,6 +530,16 @@ def _as_float(value: Any) -> float | None:
 
 
 def train(spec: RunSpec, run_dir: Path | None = None, stop_at: int | None = None) -> TrainResult:
-    """Train `spec` on this rank (every rank of the job calls this)."""
+    """Train `spec` on this rank (every rank of the job calls this).
+
+    The rank dies with whatever started it (see `lifeline`), and a stop signal is remembered from
+    the first moment: during start-up it ends the job before the first step (nothing to save).
+    """
     os.environ.setdefault("WANDB_SILENT", "true")
-    return Trainer(spec, run_dir).run(stop_at=stop_at)
+    tie_to_launcher()
+    stop = StopRequest()
+    stop.install()
+    try:
+        return Trainer(spec, run_dir, stop).run(stop_at=stop_at)
+    finally:
+        stop.restore()

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ds_simclr.atomic import atomic_path
 from ds_simclr.errors import DataError
 from ds_simclr.rundir import RunPaths
 from ds_simclr.spec import RunSpec
@@ -189,8 +190,6 @@ def export_checkpoint(run_dir: Path, output: Path | None = None, tag: str | None
     store_plan, fingerprint, dataset = _store_files(spec)
     plan = adaptation_plan(spec, pretrain_plan(spec, store_plan, fingerprint, dataset))
     output = output or paths.root / "export" / f"nnssl_{tag}.pth"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    torch.save({"network_weights": weights, "nnssl_adaptation_plan": plan}, tmp)
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        torch.save({"network_weights": weights, "nnssl_adaptation_plan": plan}, tmp)
     return output

@@ -1,27 +1,27 @@
 """The run directory: its file names, its creation, and the rule for resuming into it.
 
 `<output_dir>/<name>/` holds spec.yaml (resolved), ds_config.json, hostfile, metrics.jsonl,
-checkpoints/ (DeepSpeed tags `step_<N>` + `latest`), wandb/, plots/ and environment.json. A
-directory holding a checkpoint is resumed; a changed spec is refused unless every change is one
-resuming allows (`spec.RESUME_MUTABLE_FIELDS`).
+checkpoints/ (see `checkpoint.py`), wandb/, plots/, environment.json (software, hosts, the store
+and its identity), `lock` (the live job holding the directory, see `runlock.py`) and errors/ (the
+one-line error of each rank that stopped on a user error, read by `launch`). A directory holding a
+checkpoint is resumed; a changed spec is refused unless every change is one resuming allows
+(`spec.RESUME_MUTABLE_FIELDS`). Files are replaced atomically (`atomic.write_atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ds_simclr.atomic import write_atomic
+from ds_simclr.checkpoint import read_latest, step_tags
 from ds_simclr.errors import SpecError
 from ds_simclr.spec import RESUME_MUTABLE_FIELDS, RunSpec
 from ds_simclr.specload import dump_spec
-
-TAG_PATTERN = re.compile(r"step_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,14 @@ class RunPaths:
     def environment(self) -> Path:
         return self.root / "environment.json"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def errors(self) -> Path:
+        return self.root / "errors"
+
     def latest_tag(self) -> str | None:
         """The tag `checkpoints/latest` names, if that checkpoint exists."""
         latest = self.checkpoints / "latest"
@@ -69,14 +77,6 @@ class RunPaths:
             return None
         tag = latest.read_text().strip()
         return tag if (self.checkpoints / tag).is_dir() else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -94,7 +94,7 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 def check_resumable(paths: RunPaths, spec: RunSpec) -> None:
     """Refuse to resume a checkpointed run with a spec that changed what resuming cannot change."""
-    if paths.latest_tag() is None or not paths.spec.is_file():
+    if not paths.spec.is_file() or not (step_tags(paths.checkpoints) or read_latest(paths.checkpoints)):
         return
     saved = yaml.safe_load(paths.spec.read_text()) or {}
     current = spec.model_dump(mode="json")
@@ -116,11 +116,3 @@ def write_run_files(paths: RunPaths, spec: RunSpec, ds_config: dict[str, Any]) -
     paths.root.mkdir(parents=True, exist_ok=True)
     write_atomic(paths.spec, dump_spec(spec))
     write_atomic(paths.ds_config, json.dumps(ds_config, indent=2) + "\n")
-
-
-def checkpoint_tags(paths: RunPaths) -> list[str]:
-    """`step_<N>` checkpoint folders, oldest first."""
-    if not paths.checkpoints.is_dir():
-        return []
-    tags = [p.name for p in paths.checkpoints.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name)]
-    return sorted(tags, key=lambda tag: int(TAG_PATTERN.fullmatch(tag).group(1)))

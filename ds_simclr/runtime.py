@@ -17,6 +17,9 @@ import torch
 from ds_simclr.errors import LaunchError
 from ds_simclr.hostlist import free_port
 
+RENDEZVOUS_MINUTES = 30.0
+"""How long starting ranks wait for each other, whatever `distributed.timeout_minutes` says."""
+
 # (rank, world size, local rank, local world size) variables of the process managers we support:
 # Open MPI, MPICH/Hydra, and srun (a job step's own variables, so a batch script is never taken for
 # a rank of a bigger world).
@@ -78,11 +81,14 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> Pl
     if backend == "nccl" and device.type != "cuda":
         raise LaunchError("nccl needs CUDA GPUs and this rank has none", where="distributed.backend", hint="use auto or gloo")
     if not torch.distributed.is_initialized():
+        # Joining waits for the slowest rank to start (imports on a busy shared file system); only
+        # the collectives after it are bounded by the spec's time-out.
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=max(timeout_minutes, RENDEZVOUS_MINUTES)),
         )
+        torch.distributed.distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=timeout_minutes))
     return Placement(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

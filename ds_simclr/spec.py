@@ -29,6 +29,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "output_dir",
         "data.num_workers",
         "data.prefetch",
+        "data.max_open_files",
         "data.cache_dir",
         "views.device",
         "train.activation_checkpointing",
@@ -264,7 +265,8 @@ class DistributedSpec(StrictModel):
 
     timeout_minutes: float = Field(10.0, gt=0.0, le=24 * 60.0)
     """Collective time-out: a rank that waits longer on a collective fails the job (DeepSpeed's
-    default is 30 minutes)."""
+    default is 30 minutes). Starting ranks wait up to 30 minutes for each other whatever it says,
+    and data is made ready before the ranks start, so neither counts against it."""
 
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; `auto` = nccl with GPUs, gloo on CPU."""
@@ -285,13 +287,14 @@ class DistributedSpec(StrictModel):
 
 
 class CheckpointSpec(StrictModel):
-    """DeepSpeed checkpoints under `<run>/checkpoints/step_<N>`."""
+    """DeepSpeed checkpoints under `<run>/checkpoints/step_<N>`, each counted only once complete."""
 
     every_steps: int = Field(500, ge=1)
-    """Save every this many optimizer steps (and always at the end of the run)."""
+    """Save every this many optimizer steps (and always at the end of the run or on a stop signal)."""
 
     keep_last: int = Field(3, ge=1)
-    """Keep this many most recent checkpoints; older ones are deleted."""
+    """Keep this many complete checkpoints, the newest by step number (the one just written always
+    among them); older ones and their universal conversions are deleted."""
 
 
 class LoggingSpec(StrictModel):

@@ -242,9 +242,21 @@ def _reads_ahead(spec: RunSpec, ctx: Context) -> Any:
     return seen
 
 
-def _store_folder(spec: RunSpec, ctx: Context) -> Any:
-    from ds_simclr.data.source import resolve_store
+def _open_volumes(spec: RunSpec, ctx: Context) -> Any:
+    """Volumes the patch store keeps mapped after the first micro-batch (its LRU's bound at work)."""
+    loader = _loader(spec)
+    try:
+        next(loader.iterate(0))
+        return loader.store.open_volumes
+    finally:
+        loader.close()
 
+
+def _store_folder(spec: RunSpec, ctx: Context) -> Any:
+    """The store `launch` makes ready (preprocessing the manifest when needed) and the ranks open."""
+    from ds_simclr.data.source import prepare_store, resolve_store
+
+    prepare_store(spec.data, jobs=1, nodes=1, echo=lambda line: None)
     return str(resolve_store(spec.data))
 
 
@@ -299,6 +311,7 @@ LAUNCH = Effect("launch plan (--dry-run)", _launch)
 DATA = Effect("data stream: first micro-batch", _data_stream)
 READERS = Effect("threads that read patches", _reader_threads)
 READ_AHEAD = Effect("patches read ahead", _reads_ahead)
+OPEN_VOLUMES = Effect("volumes kept mapped after the first micro-batch", _open_volumes)
 STORE = Effect("store folder trained from", _store_folder)
 MODEL = Effect("model as trained: compiled, 5-D tensors saved for backward and their layout", _training_model)
 WEIGHTS = Effect("initial weights", _initial_weights)
@@ -368,9 +381,10 @@ def _one_run(mapping: dict[str, Any]) -> dict[str, Any]:
     """Train `mapping` on this rank (a world of one); what the run left behind."""
     import torch.distributed as dist
 
+    from ds_simclr.checkpoint import step_tags
     from ds_simclr.engine import Trainer
     from ds_simclr.errors import TrainingError
-    from ds_simclr.rundir import RunPaths, checkpoint_tags
+    from ds_simclr.rundir import RunPaths
     from ds_simclr.telemetry import read_metrics
 
     spec = spec_from_mapping(mapping)
@@ -393,7 +407,7 @@ def _one_run(mapping: dict[str, Any]) -> dict[str, Any]:
     rows = read_metrics(paths.metrics)
     outcome["rows"] = [{"step": r["step"], "loss": r["loss"]} for r in rows]
     outcome["probed"] = [r["step"] for r in rows if "probe_logreg_mirrored" in r and "probe_knn_mirrored" in r]
-    outcome["tags"] = checkpoint_tags(paths)
+    outcome["tags"] = step_tags(paths.checkpoints)
     return {**outcome, **_wandb_records(paths.root)}
 
 
@@ -424,6 +438,7 @@ CHECKS: list[Check] = [
     Check("data.patch_size", 32, DATA),
     Check("data.num_workers", 0, READERS),
     Check("data.prefetch", 3, READ_AHEAD, base={"data.num_workers": 0}),
+    Check("data.max_open_files", 2, OPEN_VOLUMES),
     # views
     Check("views.output_size", 32, DATA),
     Check("views.crop_min", 20, DATA),

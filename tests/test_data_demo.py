@@ -12,7 +12,7 @@ import pytest
 from ds_simclr.data.demo import build_demo, ensure_demo_store
 from ds_simclr.data.manifest import load_manifest
 from ds_simclr.data.options import DataSpec, default_cache_dir
-from ds_simclr.data.store import PatchStore
+from ds_simclr.data.store import FORMAT, PatchStore
 
 
 def test_build_demo_has_distinct_real_volumes(tmp_path: Path) -> None:
@@ -34,10 +34,10 @@ def test_ensure_demo_store_builds_once_even_when_raced(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert results[0] == results[1] == tmp_path / "demo" / "store"
+    assert results[0] == results[1] == tmp_path / "demo" / f"store-v{FORMAT}"
     store = PatchStore(results[0])
     assert len(store) >= 6
-    marker = results[0] / "done"
+    marker = results[0] / "store.json"
     stamp = marker.stat().st_mtime_ns
     assert ensure_demo_store(tmp_path) == results[0] and marker.stat().st_mtime_ns == stamp
 

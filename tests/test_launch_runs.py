@@ -58,7 +58,7 @@ def test_quickstart_two_ranks(launcher: str, tmp_path: Path, demo_cache: Path) -
     assert json.loads((run / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == global_batch // 2
     env = json.loads((run / "environment.json").read_text())
     assert env["world_size"] == 2
-    assert "launch: command: " in result.stderr and launcher.replace("torchrun", "torch.distributed.run") in result.stderr
+    assert "launch: command: " in result.stderr and launcher.replace("torchrun", "ds_simclr.launch.torchrun") in result.stderr
 
 
 @pytest.mark.parametrize("launcher", ["mpirun", "deepspeed"])

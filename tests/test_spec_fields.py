@@ -55,7 +55,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
     import torch
 
     from ds_simclr.data.options import DataSpec
-    from ds_simclr.data.source import resolve_store
+    from ds_simclr.data.source import prepare_store
     from ds_simclr.model import build_model
 
     root = tmp_path_factory.mktemp("walk")
@@ -82,7 +82,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
     model = build_model(**BASE["model"])
     torch.save({"network_weights": model.state_dict(), "nnssl_adaptation_plan": {}}, assets["export"])
     for name in ("both", "t1"):
-        assets[f"store_{name}"] = resolve_store(DataSpec(manifest=assets[f"manifest_{name}"], cache_dir=assets["cache"]))
+        data = DataSpec(manifest=assets[f"manifest_{name}"], cache_dir=assets["cache"])
+        assets[f"store_{name}"] = prepare_store(data, jobs=1, nodes=1, echo=lambda line: None)
     return Context(assets, demo_cache=lambda: request.getfixturevalue("demo_cache"))
 
 

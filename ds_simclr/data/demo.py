@@ -7,16 +7,20 @@ Debian packages `mricron-data` / `insighttoolkit5-examples` are installed.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ds_simclr.data.manifest import MANIFEST_NAME, collection_dict
+from ds_simclr.atomic import write_atomic
+from ds_simclr.data.manifest import MANIFEST_NAME, collection_json
+from ds_simclr.data.store import FORMAT, build_once
 from ds_simclr.errors import DataError
+
+if TYPE_CHECKING:
+    from ds_simclr.data.preprocess import Report
 
 _DEBIAN = {
     "colin27_t1": Path("/usr/share/mricron/templates/ch2.nii.gz"),
@@ -86,38 +90,26 @@ def build_demo(out_dir: Path) -> Path:
         nib.save(_as_3d_float(img), str(out_dir / "volumes" / name))
         rows.append((dataset, subject, "ses-1", name, f"volumes/{name}", modality))
     manifest = out_dir / MANIFEST_NAME
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(collection_dict("ds_simclr_demo", rows), indent=1))
-    tmp.replace(manifest)
+    write_atomic(manifest, collection_json("ds_simclr_demo", rows))
     return manifest
 
 
-def build_once(store: Path, build: Callable[[], None]) -> Path:
-    """Run `build` (which fills `store`) unless a finished store is there; ranks racing wait for one.
+def demo_store_path(cache_dir: Path) -> Path:
+    """Where the demo store lives: keyed by the store format, so a newer version builds its own."""
+    return Path(cache_dir).expanduser() / "demo" / f"store-v{FORMAT}"
 
-    A file lock beside the store serialises concurrent callers on a host; the store counts as
-    finished only once its `done` marker exists, so an interrupted build is redone.
-    """
-    marker = store / "done"
-    if marker.is_file():
-        return store
-    store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store.parent / f".{store.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.is_file():
-            build()
-            marker.write_text("ok\n")
-    return store
+
+def build_demo_store(cache_dir: Path, *, jobs: int | None = None, progress: bool = False) -> Report:
+    """Write the demo collection and preprocess it into `demo_store_path(cache_dir)` (unconditionally)."""
+    from ds_simclr.data.preprocess import preprocess
+
+    store = demo_store_path(cache_dir)
+    manifest = build_demo(store.parent / "raw")
+    return preprocess(manifest, store, jobs=jobs or min(4, os.cpu_count() or 1), progress=progress)
 
 
 def ensure_demo_store(cache_dir: Path, *, jobs: int | None = None) -> Path:
-    """The demo store under `cache_dir/demo/store`, built and preprocessed on first use."""
-    from ds_simclr.data.preprocess import preprocess
-
-    root = Path(cache_dir).expanduser() / "demo"
-
-    def build() -> None:
-        manifest = build_demo(root / "raw")
-        preprocess(manifest, root / "store", jobs=jobs or min(4, os.cpu_count() or 1), progress=False)
-
-    return build_once(root / "store", build)
+    """The demo store under `cache_dir`, built and preprocessed on first use (once, even when raced)."""
+    store = demo_store_path(cache_dir)
+    build_once(store, lambda: build_demo_store(cache_dir, jobs=jobs))
+    return store

@@ -74,9 +74,9 @@ class PairLoader:
         if views.device == "cuda" and self.device.type != "cuda":
             raise SpecError("views on cuda need a CUDA training device", where="views.device", hint="use auto or cpu")
         self.view_device = torch.device("cpu") if views.device == "cpu" else self.device
-        self.store = PatchStore(Path(store_dir), data.modalities)
+        self.store = PatchStore(Path(store_dir), data.modalities, max_open=data.max_open_files)
         self.data, self.recipe, self.seed, self.rank = data, views.recipe(), seed, rank
-        self.stream = EpochStream(len(self.store), steps_per_epoch * global_batch, seed)
+        self.stream = EpochStream(len(self.store), steps_per_epoch * global_batch, global_batch, seed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -84,7 +84,7 @@ class PairLoader:
 
     def _read(self, epoch: int, slot: int, index: int) -> np.ndarray:
         size = self.data.patch_size
-        start = draw_patch_start(self.store.entries[index].shape, size, (self.seed, epoch, slot))
+        start = draw_patch_start(self.store.shape(index), size, (self.seed, epoch, slot))
         return self.store.read_patch(index, start, size)
 
     def _submit(self, step: int, micro: int) -> tuple[int, int, int, list[int], list[Future[np.ndarray] | np.ndarray]]:
@@ -100,7 +100,7 @@ class PairLoader:
         try:
             return self._make_pair(step, micro, epoch, slots, jobs)
         except Exception as exc:  # name what was being made (MONAI's apply_transform habit)
-            ids = [self.store.entries[self.stream.index(epoch, s)].id for s in slots]
+            ids = [self.store.id(self.stream.index(epoch, s)) for s in slots]
             raise RuntimeError(
                 f"making views for step {step} micro {micro} (epoch {epoch}, slots {slots}, volumes {ids},"
                 f" patch {self.data.patch_size}^3 -> {self.recipe.output_size}^3 on {self.view_device}) failed:"
@@ -174,3 +174,4 @@ class PairLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self.store.close()

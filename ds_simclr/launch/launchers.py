@@ -64,13 +64,15 @@ class Launcher:
 
 
 class TorchrunLauncher(Launcher):
-    """torchrun standalone on one node; on several, one torchrun per node through srun (c10d)."""
+    """torchrun standalone on one node; on several, one torchrun per node through srun (c10d).
+
+    Started as `python -m ds_simclr.launch.torchrun` (torchrun without its traceback on a failed rank)."""
 
     name = "torchrun"
 
     def build_cmd(self, plan: LaunchPlan) -> list[str]:
         c = plan.cluster
-        torchrun = [plan.python, "-m", "torch.distributed.run", f"--nproc_per_node={c.procs_per_node}"]
+        torchrun = [plan.python, "-m", "ds_simclr.launch.torchrun", f"--nproc_per_node={c.procs_per_node}"]
         module = ["-m", "ds_simclr.cli", *plan.worker_args()]
         if c.is_local:
             return [*torchrun, "--standalone", "--nnodes=1", *module]

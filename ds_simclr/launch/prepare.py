@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from ds_simclr.atomic import write_atomic
 from ds_simclr.environment import software
+from ds_simclr.errors import storage_error
 from ds_simclr.hostlist import format_hostfile
 from ds_simclr.launch.launchers import Launcher, LaunchPlan, hostfile_entries
+from ds_simclr.rank_report import clear_reports
 
 
 def environment_record(launcher: Launcher, plan: LaunchPlan, cmd: list[str]) -> dict:
@@ -30,33 +35,49 @@ def deepspeed_env_file(plan: LaunchPlan) -> Path:
     """The DeepSpeed launcher exports these lines on every host (DS_ENV_FILE)."""
     path = plan.run_dir / "deepspeed_env"
     safe = {k: v for k, v in plan.env.items() if not any(ch in v for ch in "\"$`\\\n")}
-    from ds_simclr.rundir import write_atomic
-
     write_atomic(path, "".join(f"{k}={v}\n" for k, v in sorted(safe.items())))
     return path
 
 
-def prepare_run_dir(launcher: Launcher, plan: LaunchPlan, cmd: list[str]) -> None:
-    """Write spec.yaml, ds_config.json, hostfile and environment.json (refusing a changed spec)."""
+def prepare_run_dir(launcher: Launcher, plan: LaunchPlan, cmd: list[str], store: Path | None = None) -> None:
+    """Check, then write spec.yaml, ds_config.json, hostfile and environment.json and forget the
+    ranks' reports of an earlier job.
+
+    Nothing is written before every check passed: a changed spec, checkpoints of which none is
+    complete, another `store` (`runstart.check_run_dir`); the batch plan for this world size was
+    made with the plan.
+    """
     from ds_simclr.dsconfig import deepspeed_config
-    from ds_simclr.rundir import (
-        RunPaths,
-        check_resumable,
-        write_atomic,
-        write_run_files,
-    )
+    from ds_simclr.rundir import RunPaths, write_run_files
+    from ds_simclr.runstart import check_run_dir
 
     paths = RunPaths(plan.run_dir)
-    check_resumable(paths, plan.spec)
-    write_run_files(paths, plan.spec, deepspeed_config(plan.spec, plan.cluster.world_size))
-    if launcher.uses_hostfile(plan):
-        write_atomic(paths.hostfile, format_hostfile(hostfile_entries(plan)))
-    write_atomic(paths.environment, json.dumps(environment_record(launcher, plan, cmd), indent=2) + "\n")
+    check_run_dir(paths, plan.spec, store)
+    with storage_errors("writing the run directory"):
+        write_run_files(paths, plan.spec, deepspeed_config(plan.spec, plan.cluster.world_size))
+        if launcher.uses_hostfile(plan):
+            write_atomic(paths.hostfile, format_hostfile(hostfile_entries(plan)))
+        write_atomic(paths.environment, json.dumps(environment_record(launcher, plan, cmd), indent=2) + "\n")
+        clear_reports(paths.errors)
 
 
-def latest_step(run_dir: Path) -> int | None:
-    from ds_simclr.rundir import TAG_PATTERN, RunPaths
+def newest_step(run_dir: Path) -> int | None:
+    """Step of the newest complete checkpoint (None: none, or none complete)."""
+    from ds_simclr.checkpoint import find_resume_point
+    from ds_simclr.errors import CheckpointError
+    from ds_simclr.rundir import RunPaths
 
-    tag = RunPaths(run_dir).latest_tag()
-    match = TAG_PATTERN.fullmatch(tag) if tag else None
-    return int(match.group(1)) if match else None
+    try:
+        point = find_resume_point(RunPaths(run_dir).checkpoints, deep=False)
+    except CheckpointError:
+        return None
+    return point.marker.step if point else None
+
+
+@contextmanager
+def storage_errors(doing: str) -> Iterator[None]:
+    """Turn a full disk or an unwritable folder into its one-line StorageError."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(exc, doing) or exc from None

@@ -1,4 +1,5 @@
-"""Running the launcher: forward stop signals to the ranks, watch them, explain how it ended."""
+"""Running the launcher: hold the run directory, forward stop signals to the ranks, watch them,
+explain how the job ended (a rank's one-line error, a stop, a crash) with the right exit status."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from ds_simclr.errors import LaunchError
+from ds_simclr.errors import EXIT_STOPPED, LaunchError, Stopped, UserError
 from ds_simclr.hostlist import check_host
 from ds_simclr.launch.launchers import DeepSpeedLauncher, Launcher, LaunchPlan
-from ds_simclr.launch.prepare import deepspeed_env_file, latest_step, prepare_run_dir
-
-EXIT_STOPPED = 75
-"""`launch` exit status after a forwarded stop signal left a checkpoint of an unfinished run
-(EX_TEMPFAIL: run the same command again, e.g. `scontrol requeue`)."""
+from ds_simclr.launch.prepare import deepspeed_env_file, newest_step, prepare_run_dir, storage_errors
+from ds_simclr.lifeline import LAUNCH_ENV, die_with_parent, launch_identity
+from ds_simclr.rank_report import read_reports
+from ds_simclr.runlock import LOCK_ENV, RunLock
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -170,21 +172,35 @@ class _RankWatch:
             )
 
 
-def run_plan(launcher: Launcher, plan: LaunchPlan) -> int:
-    """Write the run directory, start the launcher, forward stop signals, return its status."""
-    cmd = launcher.build_cmd(plan)
-    prepare_run_dir(launcher, plan, cmd)
+def run_plan(launcher: Launcher, plan: LaunchPlan, store: Path | None = None) -> int:
+    """Hold the run directory, check and write it, start the launcher, forward stop signals, and
+    say how the job ended: the exit status (see `errors.py`), or a rank's `UserError` raised here.
+
+    `store`: the ready store the ranks will train from (checked against the checkpoint's)."""
+    with storage_errors("creating the run directory"):
+        lock = RunLock.acquire(plan.paths.lock)  # a live job's directory is refused before anything is written
+    try:
+        plan.env.update({LOCK_ENV: lock.token, LAUNCH_ENV: launch_identity()})  # for the ranks on every host
+        cmd = launcher.build_cmd(plan)
+        prepare_run_dir(launcher, plan, cmd, store)
+        return _supervise(launcher, plan, cmd, lock)
+    finally:
+        lock.release()
+
+
+def _supervise(launcher: Launcher, plan: LaunchPlan, cmd: list[str], lock: RunLock) -> int:
     env = {**os.environ, **plan.env}
     if isinstance(launcher, DeepSpeedLauncher) and not plan.cluster.is_local:
         env["DS_ENV_FILE"] = str(deepspeed_env_file(plan))
-    start_step = latest_step(plan.run_dir)
     log(f"{plan.cluster.world_size} ranks on {', '.join(plan.cluster.hosts)}; run dir {plan.run_dir}")
     log(f"command: {shlex.join(cmd)}")
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # Its own session (Ctrl-C reaches only us, we ask the ranks to checkpoint); it dies with us.
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     except FileNotFoundError as exc:
         raise LaunchError(f"cannot start {cmd[0]}: {exc.strerror}", where=f"--launcher {launcher.name}") from None
+    lock.start_heartbeat()
     forwarder = _Forwarder(plan, proc)
     forwarder.install()
     watch = _RankWatch(plan.run_dir, proc.pid)
@@ -198,25 +214,57 @@ def run_plan(launcher: Launcher, plan: LaunchPlan) -> int:
     finally:
         forwarder.restore()
     elapsed = time.monotonic() - started
-    step = latest_step(plan.run_dir)
+    step = newest_step(plan.run_dir)
     total = plan.spec.train.total_steps
-    if forwarder.received is not None and step is not None and step != start_step:
-        if step < total:
-            log(
-                f"stopped on {signal.Signals(forwarder.received).name} after {elapsed:.0f} s with checkpoint step_{step}"
-                f" of {total}; run the same command to resume (exit {EXIT_STOPPED})"
-            )
-            return EXIT_STOPPED
-        return 0
-    if rc != 0:
-        resume = f"; checkpoint step_{step} is kept: run the same command to resume" if step is not None else ""
-        first = watch.first_gone
-        if first is None:
+    reports = read_reports(plan.paths.errors)
+    if reports:
+        first = reports[0]
+        line = first.line if first.rank == 0 else f"rank {first.rank} on {first.host}: {first.line}"
+        raise RankError(line, first.exit_code)
+    if forwarder.received is not None and (step or 0) < total:
+        kept = f"with checkpoint step_{step}" if step is not None else "before its first checkpoint"
+        log(
+            f"stopped on {signal.Signals(forwarder.received).name} after {elapsed:.0f} s {kept}"
+            f" of {total} steps; run the same command to resume (exit {EXIT_STOPPED})"
+        )
+        return EXIT_STOPPED
+    if rc != 0 and forwarder.received is None:
+        resume = f"; checkpoint step_{step} is kept: run the same command to resume" if step is not None else (
+            "; no checkpoint yet: run the same command to start again")
+        first_gone = watch.first_gone
+        if first_gone is None:
             who = "a rank failed or was killed (the launcher's output above names it)"
-        elif "," in first[0]:
-            who = f"ranks {first[1]} on {socket.gethostname()} (pids {first[0]}) ended first, together"
+        elif "," in first_gone[0]:
+            who = f"ranks {first_gone[1]} on {socket.gethostname()} (pids {first_gone[0]}) ended first, together"
         else:
-            who = f"rank {first[1]} on {socket.gethostname()} (pid {first[0]}) ended first"
+            who = f"rank {first_gone[1]} on {socket.gethostname()} (pid {first_gone[0]}) ended first"
         log(f"{launcher.name} exited with status {rc} after {elapsed:.0f} s: {who}{resume}")
         return rc if rc > 0 else 128 - rc
     return 0
+
+
+class RankError(UserError):
+    """A rank stopped on a user error; its one line and exit status become `launch`'s."""
+
+    def __init__(self, line: str, exit_code: int) -> None:
+        super().__init__(line)
+        self.exit_code = exit_code
+
+
+@contextmanager
+def startup_signals_stop() -> Iterator[None]:
+    """Until the launcher runs (and after it exited), a stop signal ends `launch` with `Stopped`
+    (exit 75, one line): a job preempted while it prepares loses nothing and is requeued."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(
+            f"stopped by {signal.Signals(signum).name} before training started",
+            hint="run the same command to start or resume",
+        )
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
