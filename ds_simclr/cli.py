@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
@@ -294,6 +294,29 @@ def export(
     from ds_simclr.export import export_checkpoint
 
     typer.echo(f"wrote {export_checkpoint(run_dir, output, tag)}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
+    tag: Annotated[Optional[str], typer.Option("--tag", help="Checkpoint tag (default: latest).")] = None,
+    patches_per_class: Annotated[
+        int, typer.Option("--patches-per-class", min=2, help="Region-probe patches per region and hemisphere, per resampling.")
+    ] = 16,
+    resamples: Annotated[int, typer.Option("--resamples", min=2, help="Independent patch draws (for mean +- std).")] = 3,
+    patch_size: Annotated[
+        Optional[int], typer.Option("--patch-size", help="Probe patch edge in voxels (default: views.output_size).")
+    ] = None,
+    device: Annotated[
+        Literal["auto", "cpu", "cuda"], typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")
+    ] = "auto",
+) -> None:
+    """Frozen-encoder probes on labelled MRI: the checkpoint against its own initial weights, random
+    seeds and raw intensities; writes RUN_DIR/eval/<tag>/eval.json and eval.png, logs to W&B."""
+    from ds_simclr.evaluation.evaluate import EvalOptions, evaluate_run
+
+    options = EvalOptions(patch_size=patch_size, patches_per_class=patches_per_class, resamples=resamples, device=device)
+    evaluate_run(run_dir, tag, options, echo=typer.echo, progress=lambda line: typer.echo(line, err=True))
 
 
 @app.command()

@@ -30,7 +30,7 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,19 +177,16 @@ def _write_failure(exc: BaseException, doing: str, folder: Path) -> UserError | 
     return None
 
 
-def training_model(spec: RunSpec) -> torch.nn.Module:
-    """The model a run trains: the spec's encoder and head, with its speed options switched on."""
-    from ds_simclr.model import build_model, configure_speed
+def training_model(spec: RunSpec, warm: bool = True) -> tuple[torch.nn.Module, str]:
+    """The model a run trains: the spec's encoder and head seeded with `spec.seed`, started from
+    `model.init_from` when `warm` (a fresh run), with its speed options switched on; and where its
+    weights come from, in words (see `warmstart.initial_model`)."""
+    from ds_simclr.model import configure_speed
+    from ds_simclr.warmstart import initial_model
 
-    model = build_model(
-        spec.model.encoder,
-        in_channels=spec.model.in_channels,
-        head_hidden=spec.model.head_hidden,
-        head_out=spec.model.head_out,
-        head_layers=spec.model.head_layers,
-    )
+    model, origin = initial_model(spec, warm=warm)
     speed = spec.train.model_dump(include={"activation_checkpointing", "channels_last", "compile"})
-    return configure_speed(model, **speed)
+    return configure_speed(model, **speed), origin
 
 
 class Trainer:
@@ -239,8 +236,15 @@ class Trainer:
             environment.update(store=str(store), store_identity=start.store_identity)
             write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
-        torch.manual_seed(spec.seed)
-        model = training_model(spec)
+        fresh = self.paths.latest_tag() is None  # a resumed run loads its checkpoint instead
+        model, origin = training_model(spec, warm=fresh)
+        if self.rank_zero and fresh and spec.model.init_from is not None:
+            print(f"init_from: starting from the {origin}", flush=True)
+        self.probe = None
+        if spec.probes_online:
+            from ds_simclr.evaluation.online import OnlineProbe
+
+            self.probe = _on_rank_zero(lambda: OnlineProbe(spec, self.place.device), "load the evaluation volume")
         quiet_deepspeed()
         # DeepSpeed reads a universal checkpoint only when told so at initialize (this start only).
         config = {**self.ds_config, "checkpoint": {"load_universal": True}} if start.universal else self.ds_config
@@ -436,6 +440,7 @@ class Trainer:
 
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train until the planned end, `stop_at` steps, or an agreed stop request."""
+        from ds_simclr.health import CollapseWatch
         from ds_simclr.plots import view_slices
         from ds_simclr.telemetry import MetricsLog, Progress, WandbRun
 
@@ -457,6 +462,7 @@ class Trainer:
             )
             wandb_run.catch_up(metrics.rows_after(wandb_run.logged_through))
             progress = Progress(total, self.state.step)
+            watch = CollapseWatch(spec.warmup_steps, self.batch.global_batch, spec.model.head_out)
         stopped_at_start = dist.any_rank_true(stop.signal is not None)  # during start-up: nothing to save
         result = TrainResult(self.paths.root, self.state.step, stopped_at_start, self.state.skipped_steps)
         pairs_per_step = self.batch.global_batch
@@ -482,13 +488,20 @@ class Trainer:
                 too_many_bad = self.state.consecutive_nonfinite >= spec.train.max_nonfinite_steps
                 last = self.state.step == end
                 image_now = spec.logging.image_every and self.state.step % spec.logging.image_every == 0
-                log_now = self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"] or image_now
+                eval_now = spec.eval.every_steps and self.state.step % spec.eval.every_steps == 0
+                log_now = (self.state.step % spec.logging.log_every == 0 or last or stopping or row["skipped"]
+                           or image_now or eval_now)
                 if log_now:
                     row.update(self._monitoring(outcome))
                 if self.rank_zero and log_now:
+                    if eval_now:  # the other ranks wait at their next collective
+                        row.update(self.probe(self.engine.module, self.dtype))
                     metrics.write(row)
                     wandb_run.log(row, {"views": view_slices(*self.sample_views)} if image_now else None)
                     progress.update(row)
+                    warning = watch.check(row)
+                    if warning:
+                        progress.note(warning)
                 if self.state.step % spec.checkpoint.every_steps == 0 or last or stopping or too_many_bad:
                     self.save_checkpoint()
                 if too_many_bad:
@@ -532,6 +545,20 @@ class Trainer:
             f" (metrics.jsonl, checkpoints/, wandb/, plots/: {plots})",
             flush=True,
         )
+
+
+def _on_rank_zero(build: Callable[[], Any], what: str) -> Any:
+    """`build()` on rank 0 (None elsewhere); every rank raises when it failed, so none waits on it."""
+    failure: UserError | None = None
+    result = None
+    if dist.is_rank_zero():
+        try:
+            result = build()
+        except UserError as exc:
+            failure = exc
+    if not dist.all_ranks_true(failure is None):
+        raise failure or DataError(f"rank 0 could not {what} (its error says why)")
+    return result
 
 
 def _as_float(value: Any) -> float | None:

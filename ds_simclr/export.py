@@ -1,9 +1,18 @@
-"""Export a checkpoint for downstream fine-tuning: the file nnSSL's adaptation code reads.
+"""Export a checkpoint for downstream fine-tuning: the file nnSSL's adaptation readers load.
 
-A torch file holding `network_weights` (a plain fp32 state dict with nnSSL's key names, projection
-head included: downstream code matches keys by name and takes the encoder) and
-`nnssl_adaptation_plan` (nnSSL's AdaptationPlan fields: architecture, where the encoder and stem
-live in the state dict, the input projection keys, the recommended patch size, input channels).
+A torch file holding
+- `network_weights`: the fp32 state dict with nnSSL's key names, projection head included
+  (downstream code takes the encoder by key). Keys that alias one parameter (nnSSL's conv blocks
+  register each conv and norm twice, as `conv` and `all_modules.0`) share one tensor, exactly as
+  `module.state_dict()` gives them, so `torch.save` stores each parameter once and readers that
+  find aliases by storage (SSL3D classification's input-channel repeat) see them all.
+- `nnssl_adaptation_plan`: nnSSL's AdaptationPlan fields (nnssl `adaptation_planning/
+  adaptation_plan.py`): the architecture (the `ResEncL` preset, else a `ResidualEncoderUNet` with
+  nnSSL's DynamicArchitecturePlans kwargs), where encoder, stem and input projection live in the
+  state dict, the recommended patch size, input channels, and `pretrain_plan` in nnSSL's Plan layout
+  (`experiment_planning/experiment_planners/plan.py`) with one configuration whose `spacing` is the
+  store's and whose `patch_size` is the views' output size: nnU-Net's `preprocess_like_nnssl`
+  reads both.
 Only plain Python types and tensors, so it loads with `torch.load(..., weights_only=True)`.
 
 ZeRO checkpoints keep the fp32 master weights in the optimizer shards; DeepSpeed's own
@@ -15,42 +24,99 @@ DeepSpeed's universal-checkpoint converter reads.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ds_simclr.atomic import atomic_path
 from ds_simclr.errors import DataError
 from ds_simclr.rundir import RunPaths
 from ds_simclr.spec import RunSpec
 from ds_simclr.specload import load_spec
 
 NNSSL_ARCHITECTURE = {"resenc_l": "ResEncL"}
-"""nnSSL preset names; the smaller ds_simclr encoders have none and carry their own kwargs."""
+"""nnSSL preset names; the other encoders are described by DynamicArchitecturePlans kwargs."""
+KEY_TO_ENCODER, KEY_TO_STEM = "encoder.stages", "encoder.stem"
+KEYS_TO_IN_PROJ = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
 
 
-def adaptation_plan(spec: RunSpec, pretrain_plan: dict[str, Any] | None) -> dict[str, Any]:
-    """nnSSL's AdaptationPlan, serialised, for a run of `spec`."""
-    from ds_simclr.architectures import ENCODERS
+def architecture_plans(encoder: str) -> dict[str, Any]:
+    """nnSSL's serialised ArchitecturePlans: a preset name, or d-n-a ResidualEncoderUNet kwargs."""
+    from ds_simclr.architectures import encoder_arch
 
-    name = spec.model.encoder
-    arch = ENCODERS[name]
+    if encoder in NNSSL_ARCHITECTURE:
+        return {"arch_class_name": NNSSL_ARCHITECTURE[encoder], "arch_kwargs": None, "arch_kwargs_requiring_import": None}
+    arch = encoder_arch(encoder)
+    n, k = len(arch.features), arch.kernel_size
+    return {
+        "arch_class_name": "ResidualEncoderUNet",
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": list(arch.features),
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[k, k, k]] * n,
+            "strides": [[s, s, s] for s in arch.strides],
+            "n_blocks_per_stage": list(arch.blocks),
+            "n_conv_per_stage_decoder": [1] * (n - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.modules.activation.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "arch_kwargs_requiring_import": ["conv_op", "norm_op", "nonlin"],
+    }
+
+
+def pretrain_plan(spec: RunSpec, store_plan: dict[str, Any], fingerprint: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """nnSSL's serialised Plan with the one configuration the run was pretrained with.
+
+    store_plan: the store's plan.json (`target_spacing` in mm); fingerprint: its fingerprint.json
+    (original spacings); dataset: a name for the pretraining data.
+    """
+    size = spec.views.output_size
+    spacings = [entry["spacing"] for entry in fingerprint.values()] or [store_plan["target_spacing"]]
+    name = "onemmiso" if [float(s) for s in store_plan["target_spacing"]] == [1.0, 1.0, 1.0] else "fixed"
+    configuration = {
+        "data_identifier": f"ds_simclr_{dataset}",
+        "preprocessor_name": "ds_simclr.data.preprocess",
+        "spacing_style": name,
+        "normalization_schemes": ["ZScoreNormalization"] * spec.model.in_channels,
+        "use_mask_for_norm": [True] * spec.model.in_channels,  # z-score over the anatomy mask or non-zero voxels
+        "resampling_fn_data": "SimpleITK.Resample",
+        "resampling_fn_data_kwargs": {"interpolator": store_plan["image_interpolation"], "order": 3},
+        "resampling_fn_mask": "SimpleITK.Resample",
+        "resampling_fn_mask_kwargs": {"interpolator": store_plan["mask_interpolation"], "order": 0},
+        "spacing": [float(s) for s in store_plan["target_spacing"]],
+        "patch_size": [size, size, size],
+    }
+    return {
+        "dataset_name": dataset,
+        "plans_name": "ds_simclrPlans",
+        "original_median_spacing_after_transp": [float(statistics.median(axis)) for axis in zip(*spacings)],
+        "image_reader_writer": "NibabelIOWithReorient",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {name: configuration},
+        "experiment_planner_used": "ds_simclr.data.preprocess.Plan",
+    }
+
+
+def adaptation_plan(spec: RunSpec, plan: dict[str, Any]) -> dict[str, Any]:
+    """nnSSL's serialised AdaptationPlan for a run of `spec` pretrained with `plan` (see `pretrain_plan`)."""
     size = spec.views.output_size
     return {
-        "architecture_plans": {
-            "arch_class_name": NNSSL_ARCHITECTURE.get(name, f"ds_simclr.{name}"),
-            "arch_kwargs": None
-            if name in NNSSL_ARCHITECTURE
-            else {"features_per_stage": list(arch.features), "n_blocks_per_stage": list(arch.blocks),
-                  "strides": list(arch.strides), "kernel_sizes": arch.kernel_size},
-            "arch_kwargs_requiring_import": None,
-        },
-        "pretrain_plan": pretrain_plan,
-        "recommended_downstream_patchsize": [size, size, size],
+        "architecture_plans": architecture_plans(spec.model.encoder),
+        "pretrain_plan": plan,
         "pretrain_num_input_channels": spec.model.in_channels,
-        "key_to_encoder": "encoder.stages",
-        "key_to_stem": "encoder.stem",
-        "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+        "recommended_downstream_patchsize": [size, size, size],
+        "key_to_encoder": KEY_TO_ENCODER,
+        "key_to_stem": KEY_TO_STEM,
+        "keys_to_in_proj": list(KEYS_TO_IN_PROJ),
         "key_to_lpe": None,
     }
 
@@ -99,9 +165,9 @@ def _fp32_weights_via_universal(checkpoint: Path, aliases: set[str]) -> dict[str
         }
 
 
-def _load_with_aliases(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Load DeepSpeed's weights, which name each shared parameter once (nnSSL registers each conv and
-    norm twice); the state dict then has every aliased key. Anything else missing is an error."""
+def load_with_aliases(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Load weights that may name each shared parameter once (DeepSpeed does; nnSSL registers each
+    conv and norm twice); the model's aliased keys then follow. Anything else missing is an error."""
     result = model.load_state_dict(weights, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[key]) for key in weights if key in params}
@@ -113,25 +179,53 @@ def _load_with_aliases(model: torch.nn.Module, weights: dict[str, torch.Tensor],
         )
 
 
-def export_checkpoint(run_dir: Path, output: Path | None = None, tag: str | None = None) -> Path:
-    """Write the adaptation checkpoint of `tag` (default: the latest) and return its path."""
-    from ds_simclr.model import build_model
+def open_run(run_dir: Path, tag: str | None) -> tuple[RunPaths, RunSpec, str]:
+    """A run directory's paths, its resolved spec and checkpoint `tag` (default: the latest).
 
+    DataError when it is no run directory or has no such checkpoint (checked before the spec is read)."""
     paths = RunPaths(Path(run_dir))
     if not paths.spec.is_file():
         raise DataError("not a run directory (no spec.yaml)", where=str(run_dir))
     tag = tag or paths.latest_tag()
     if tag is None or not (paths.checkpoints / tag).is_dir():
         raise DataError(f"no checkpoint {tag or 'yet'}", where=str(paths.checkpoints), hint="train first, or name a --tag")
-    spec = load_spec(paths.spec)
+    return paths, load_spec(paths.spec), tag
+
+
+def trained_model(paths: RunPaths, spec: RunSpec, tag: str) -> torch.nn.Module:
+    """The run's model (fp32) holding the fp32 master weights of checkpoint `tag`."""
+    from ds_simclr.model import build_model
+
     model = build_model(
         spec.model.encoder, spec.model.in_channels, spec.model.head_hidden, spec.model.head_out, spec.model.head_layers
     )
-    _load_with_aliases(model, _fp32_weights(paths, tag, spec.train.zero_stage), where=str(paths.checkpoints / tag))
-    weights = {key: value.detach().float().contiguous().clone() for key, value in model.state_dict().items()}
-    plan_file = Path(spec.data.store or "") / "plan.json"
-    pretrain_plan = json.loads(plan_file.read_text()) if spec.data.store and plan_file.is_file() else None
+    load_with_aliases(model, _fp32_weights(paths, tag, spec.train.zero_stage), where=str(paths.checkpoints / tag))
+    return model
+
+
+def _store_files(spec: RunSpec) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The run's store plan.json and fingerprint.json, and a dataset name."""
+    from ds_simclr.data.source import resolve_store
+
+    store = resolve_store(spec.data)  # already finished for a trained run: returns at once
+    if not (store / "plan.json").is_file():
+        raise DataError("the run's store has no plan.json", where=str(store), hint="preprocess the data again")
+    fingerprint = store / "fingerprint.json"
+    return (
+        json.loads((store / "plan.json").read_text()),
+        json.loads(fingerprint.read_text()) if fingerprint.is_file() else {},
+        "ds_simclr_demo" if spec.data.demo else store.name,
+    )
+
+
+def export_checkpoint(run_dir: Path, output: Path | None = None, tag: str | None = None) -> Path:
+    """Write the adaptation checkpoint of `tag` (default: the latest) and return its path."""
+    paths, spec, tag = open_run(run_dir, tag)
+    model = trained_model(paths, spec, tag)
+    weights = {key: value.detach() for key, value in model.state_dict().items()}  # aliases share storage
+    store_plan, fingerprint, dataset = _store_files(spec)
+    plan = adaptation_plan(spec, pretrain_plan(spec, store_plan, fingerprint, dataset))
     output = output or paths.root / "export" / f"nnssl_{tag}.pth"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"network_weights": weights, "nnssl_adaptation_plan": adaptation_plan(spec, pretrain_plan)}, output)
+    with atomic_path(output) as tmp:
+        torch.save({"network_weights": weights, "nnssl_adaptation_plan": plan}, tmp)
     return output

@@ -4,6 +4,8 @@ NT-Xent (normalised temperature-scaled cross-entropy) from SimCLR: Chen et al., 
 for Contrastive Learning of Visual Representations", ICML 2020, https://arxiv.org/abs/2002.05709.
 Alignment and uniformity from Wang & Isola, "Understanding Contrastive Representation Learning
 through Alignment and Uniformity on the Hypersphere", ICML 2020, https://arxiv.org/abs/2005.10242.
+RankMe from Garrido et al., "RankMe: Assessing the Downstream Performance of Pretrained
+Self-Supervised Representations by Their Rank", ICML 2023, https://arxiv.org/abs/2210.02885.
 
 Notation: n pairs on this rank, W ranks, N = n * W pairs in the global batch, D embedding size.
 Global index layout of the 2N gathered embeddings (rank-major, then view, then sample):
@@ -124,6 +126,9 @@ def contrastive_metrics(z1: torch.Tensor, z2: torch.Tensor, temperature: float) 
     - `uniformity`: log E exp(-2 ||x - y||^2) over distinct pairs of one view's N embeddings,
       averaged over the two views (Wang & Isola, t = 2); -4 is the ideal of a uniform sphere in
       high D, 0 a collapsed encoder. Needs N >= 2 (NaN otherwise).
+    - `rankme`: effective rank of the 2N centred projections (RankMe): exp of the entropy of their
+      normalised singular values; between 1 and min(2N - 1, D), about 1 when every embedding is
+      alike (collapse), near min(2N - 1, D) when they spread over all directions.
     """
     _check_pair(z1, z2)
     n = z1.shape[0]
@@ -150,4 +155,17 @@ def contrastive_metrics(z1: torch.Tensor, z2: torch.Tensor, temperature: float) 
         "positive_top1": float(top1),
         "alignment": float(align),
         "uniformity": sum(log_uniform) / 2,
+        "rankme": effective_rank(gather_with_grad(torch.cat([z1, z2]).float())),
     }
+
+
+def effective_rank(z: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe of (M, D) embeddings after centring: exp(-sum p_k log p_k), p_k = s_k / sum(s) + eps
+    over the singular values s (Garrido et al. 2023). Fewer than 2 rows, or identical rows, give 1."""
+    if z.shape[0] < 2:
+        return 1.0
+    s = torch.linalg.svdvals(z.double() - z.double().mean(dim=0))  # (min(M, D),)
+    if s.sum() == 0:
+        return 1.0
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))

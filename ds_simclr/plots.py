@@ -17,7 +17,8 @@ from ds_simclr.errors import DataError
 from ds_simclr.rundir import RunPaths
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg back-end (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +41,7 @@ def view_slices(view1: torch.Tensor, view2: torch.Tensor) -> np.ndarray:
 
 
 def plot_loss(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in rows if not r.get("skipped")]
     losses = [r["loss"] for r in rows if not r.get("skipped")]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
@@ -58,7 +59,7 @@ def plot_loss(rows: list[dict], path: Path) -> None:
 
 
 def plot_views(image: np.ndarray, path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
     ax.imshow(image, cmap="gray")
     ax.set_title(title)

@@ -16,6 +16,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ds_simclr.architectures import check_input_shape
 from ds_simclr.data.options import DataSpec, ViewsSpec
+from ds_simclr.evaluation.options import EvalSpec
 from ds_simclr.specbase import StrictModel
 
 EncoderName = Literal["resenc_l", "resenc_s", "resenc_tiny"]
@@ -37,6 +38,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "distributed",
         "checkpoint",
         "logging",
+        "eval",
     }
 )
 
@@ -62,6 +64,12 @@ class ModelSpec(StrictModel):
 
     head_layers: int = Field(3, ge=1, le=8)
     """Linear layers in the projection head (nnSSL: 3)."""
+
+    init_from: Path | None = None
+    """Start from the weights of an export (`ds_simclr export`, or an nnSSL adaptation checkpoint)
+    instead of a random initialisation: its encoder must match `encoder` with 1 input channel; its
+    projection head is taken when the shapes match `head_*`, else the head starts random. Only a
+    fresh run uses it (a resumed run continues from its checkpoint)."""
 
     @field_validator("in_channels")
     @classmethod
@@ -350,6 +358,9 @@ class RunSpec(StrictModel):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     """W&B and the metrics file."""
 
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    """Online evaluation: a cheap frozen-encoder probe during pretraining."""
+
     _source: str = PrivateAttr(default="<spec>")
 
     @field_validator("name")
@@ -368,6 +379,28 @@ class RunSpec(StrictModel):
         except ValueError as exc:
             raise ValueError(f"views.output_size {size}: {exc}") from None
         return self
+
+    @model_validator(mode="after")
+    def _eval_fits(self) -> RunSpec:
+        size = self.eval_patch_size
+        try:
+            check_input_shape(self.model.encoder, (size, size, size))
+        except ValueError as exc:
+            raise ValueError(f"eval.patch_size {size}: {exc}") from None
+        if self.eval.every_steps and self.train.zero_stage == 3:
+            raise ValueError("eval.every_steps needs ZeRO stage 0-2: stage 3 partitions the weights rank 0 would probe")
+        return self
+
+    @property
+    def probes_online(self) -> bool:
+        """Whether the run probes at all: `eval.every_steps` is on and within the run's steps (only
+        then does it need the evaluation volume)."""
+        return 0 < self.eval.every_steps <= self.train.total_steps
+
+    @property
+    def eval_patch_size(self) -> int:
+        """Edge of the online probe's patches: `eval.patch_size`, else `views.output_size`."""
+        return self.eval.patch_size or self.views.output_size
 
     @property
     def source(self) -> str:

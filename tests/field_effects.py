@@ -265,7 +265,7 @@ def _training_model(spec: RunSpec, ctx: Context) -> Any:
     tensors one forward saves for backward and their memory formats."""
     from ds_simclr.engine import training_model
 
-    model = training_model(spec)
+    model, _ = training_model(spec)
     compiled = model.encoder._compiled_call_impl is not None
     if compiled:  # a forward would compile (slow); that it is compiled is the effect
         return compiled, None
@@ -282,6 +282,29 @@ def _training_model(spec: RunSpec, ctx: Context) -> Any:
     return compiled, sorted(saved)
 
 
+def _initial_weights(spec: RunSpec, ctx: Context) -> Any:
+    """A digest of the weights a fresh run starts from (`engine.training_model`)."""
+    from ds_simclr.engine import training_model
+
+    model, _ = training_model(spec)
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode() + value.detach().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _probe_patches(spec: RunSpec, ctx: Context) -> Any:
+    """The online probe's train and test patches (shapes and a digest), on the evaluation volume
+    that `launch` prepares before the ranks start."""
+    from ds_simclr.evaluation.atlas import ensure_eval_set
+    from ds_simclr.evaluation.online import OnlineProbe
+
+    ensure_eval_set(spec.data.cache_dir)
+    probe = OnlineProbe(spec, torch.device("cpu"))
+    digest = hashlib.sha256(probe.train.tobytes() + probe.test.tobytes()).hexdigest()
+    return probe.train.shape, probe.test.shape, digest
+
+
 CONFIG = Effect("DeepSpeed config", _config)
 PLAN = Effect("plan", _plan)
 LAUNCH = Effect("launch plan (--dry-run)", _launch)
@@ -291,6 +314,8 @@ READ_AHEAD = Effect("patches read ahead", _reads_ahead)
 OPEN_VOLUMES = Effect("volumes kept mapped after the first micro-batch", _open_volumes)
 STORE = Effect("store folder trained from", _store_folder)
 MODEL = Effect("model as trained: compiled, 5-D tensors saved for backward and their layout", _training_model)
+WEIGHTS = Effect("initial weights", _initial_weights)
+PROBE_PATCHES = Effect("online probe's patches", _probe_patches)
 
 
 # --------------------------------------------------------------------------- effects of a short run
@@ -317,6 +342,13 @@ TIMEOUT = RunEffect("collective time-out (s)", lambda o: o.get("timeout_s"), exp
 """The time-out of the process group the rank started (group `a` starts it)."""
 START = RunEffect("rank start", lambda o: o.get("refused"))
 """Whether the rank refused to start (one line) or started."""
+PROBED = RunEffect(
+    "steps with an online probe in metrics.jsonl",
+    lambda o: o.get("probed"),
+    expect=lambda every: list(range(every, BASE["train"]["epochs"] * BASE["train"]["steps_per_epoch"] + 1, every)),
+)
+"""The steps whose row has the probe's scores; the probe forces a row, so it moves the logged steps
+(a group of its own)."""
 
 
 def _last_step_nan(trainer: Any) -> None:
@@ -356,6 +388,10 @@ def _one_run(mapping: dict[str, Any]) -> dict[str, Any]:
     from ds_simclr.telemetry import read_metrics
 
     spec = spec_from_mapping(mapping)
+    if spec.probes_online:  # as `launch` does before the ranks start
+        from ds_simclr.evaluation.atlas import ensure_eval_set
+
+        ensure_eval_set(spec.data.cache_dir)
     try:
         trainer = Trainer(spec)
     except UserError as exc:
@@ -368,7 +404,9 @@ def _one_run(mapping: dict[str, Any]) -> dict[str, Any]:
     except TrainingError as exc:
         outcome["error"] = exc.one_line()
     paths = RunPaths(spec.run_dir)
-    outcome["rows"] = [{"step": r["step"], "loss": r["loss"]} for r in read_metrics(paths.metrics)]
+    rows = read_metrics(paths.metrics)
+    outcome["rows"] = [{"step": r["step"], "loss": r["loss"]} for r in rows]
+    outcome["probed"] = [r["step"] for r in rows if "probe_logreg_mirrored" in r and "probe_knn_mirrored" in r]
     outcome["tags"] = step_tags(paths.checkpoints)
     return {**outcome, **_wandb_records(paths.root)}
 
@@ -427,6 +465,7 @@ CHECKS: list[Check] = [
     Check("model.head_hidden", 64, PLAN),
     Check("model.head_out", 8, PLAN),
     Check("model.head_layers", 3, PLAN),
+    Check("model.init_from", Asset("export"), WEIGHTS),
     Check("loss.temperature", 0.2, LOSS),
     # optimizer and schedule
     Check("optimizer.lr", 0.02, CONFIG),
@@ -474,6 +513,10 @@ CHECKS: list[Check] = [
     Check("logging.wandb_mode", "offline", WANDB_RUN),
     Check("logging.log_every", 2, LOGGED),
     Check("logging.image_every", 3, IMAGES),
+    # online evaluation
+    Check("eval.every_steps", 2, PROBED, group="e"),
+    Check("eval.patches_per_class", 3, PROBE_PATCHES),
+    Check("eval.patch_size", 32, PROBE_PATCHES),
 ]
 
 REFUSED: dict[str, Any] = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ds_simclr.hostlist import free_port
 
-__all__ = ["CONFIGS", "REPO", "free_port", "tiny_spec_mapping"]
+__all__ = ["CONFIGS", "REPO", "free_port", "tiny_spec_mapping", "train_and_capture"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "ds_configs"
@@ -27,3 +27,20 @@ def tiny_spec_mapping(cache: Path, output_dir: Path, **train: object) -> dict:
         "checkpoint": {"every_steps": 100, "keep_last": 2},
         "logging": {"wandb_mode": "disabled", "log_every": 1},
     }
+
+
+def train_and_capture(mapping: dict) -> dict:
+    """Rank function: build a Trainer, train it, and return rank-local weights: the module's at the
+    start (`initial`), the fp32 master weights at the end (`master`, a collective) and the module's
+    bf16 weights at the end (`module`), all as fp32 CPU tensors keyed by state-dict name."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from ds_simclr.engine import Trainer
+    from ds_simclr.specload import spec_from_mapping
+
+    trainer = Trainer(spec_from_mapping(mapping))
+    module = trainer.engine.module
+    initial = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    trainer.run()
+    master = {name: safe_get_full_fp32_param(p).clone() for name, p in module.named_parameters(remove_duplicate=False)}
+    return {"initial": initial, "master": master, "module": {k: v.detach().float().clone() for k, v in module.state_dict().items()}}

@@ -141,3 +141,12 @@ def test_metrics_do_not_touch_gradients() -> None:
     z1 = torch.randn(4, 8, requires_grad=True)
     contrastive_metrics(z1, torch.randn(4, 8), 0.5)
     assert z1.grad is None
+
+
+def test_rankme_is_the_effective_rank_of_the_centred_embeddings() -> None:
+    collapsed = torch.ones(4, 16)
+    assert contrastive_metrics(collapsed, collapsed, 0.5)["rankme"] == pytest.approx(1.0)
+    corners = torch.eye(8, 32)  # 8 points of a regular simplex: 7 equal singular values once centred
+    assert contrastive_metrics(corners[:4], corners[4:], 0.5)["rankme"] == pytest.approx(7.0, rel=1e-4)
+    low = torch.randn(8, 2) @ torch.randn(2, 32)  # rank 2 before centring, at most 2 after
+    assert 1.0 < contrastive_metrics(low[:4], low[4:], 0.5)["rankme"] <= 2.0 + 1e-4

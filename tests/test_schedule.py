@@ -62,7 +62,7 @@ def test_milestones_are_labelled_by_what_they_are() -> None:
     # the quickstart: warm-up 10 steps, the first cosine step is the highest, one cosine step below the peak
     spec = load_spec(QUICKSTART)
     lrs = planned_lrs(spec)
-    assert lr_milestones(lrs, spec.peak_lr, warmup_span(spec)) == [("highest = first cosine step", 11), ("last step", 100)]
+    assert lr_milestones(lrs, spec.peak_lr, warmup_span(spec)) == [("highest = first cosine step", 11), ("last step", 200)]
     assert max(lrs) < spec.peak_lr and lrs[10] == pytest.approx(spec.peak_lr, rel=1e-3)
     # no warm-up: DeepSpeed's two flat warm-up steps run exactly at the peak
     spec = load_spec(SSL3D, ["train.max_steps=50"])

@@ -12,7 +12,7 @@ import nibabel as nib
 import pytest
 import yaml
 from data_helpers import NIBABEL_DATA, real_volume, write_manifest
-from field_effects import CHECKS, GPU, REFUSED, TIMEOUT, Check, Context, Effect, Refused, RunEffect, observe, run_all
+from field_effects import BASE, CHECKS, GPU, REFUSED, TIMEOUT, Check, Context, Effect, Refused, RunEffect, observe, run_all
 from multiproc import run_ranks
 
 from ds_simclr.cli import main
@@ -50,9 +50,13 @@ def _dotted(spec: RunSpec, field: str) -> object:
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Context:
-    """Two real stores (T1 + EPI, T1 only) built from manifests in a cache, a second cache, a hostfile."""
+    """Two real stores (T1 + EPI, T1 only) built from manifests in a cache, a second cache, a hostfile,
+    an export of the base model's shape (other seed)."""
+    import torch
+
     from ds_simclr.data.options import DataSpec
     from ds_simclr.data.source import prepare_store
+    from ds_simclr.model import build_model
 
     root = tmp_path_factory.mktemp("walk")
     rows = []
@@ -71,8 +75,12 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         "runs": root / "runs",
         "elsewhere": root / "elsewhere",
         "hostfile": root / "hostfile",
+        "export": root / "export.pth",
     }
     assets["hostfile"].write_text("node-a slots=2\nnode-b slots=2\n")
+    torch.manual_seed(99)
+    model = build_model(**BASE["model"])
+    torch.save({"network_weights": model.state_dict(), "nnssl_adaptation_plan": {}}, assets["export"])
     for name in ("both", "t1"):
         data = DataSpec(manifest=assets[f"manifest_{name}"], cache_dir=assets["cache"])
         assets[f"store_{name}"] = prepare_store(data, jobs=1, nodes=1, echo=lambda line: None)

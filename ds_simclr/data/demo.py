@@ -8,7 +8,7 @@ Debian packages `mricron-data` / `insighttoolkit5-examples` are installed.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,15 @@ def _as_3d_float(img: object) -> object:
     while data.ndim > 3:
         data = data[..., 0]
     return nib.Nifti1Image(data, img.affine)  # type: ignore[attr-defined]
+
+
+def demo_arrays() -> Iterator[tuple[str, np.ndarray]]:
+    """(subject, float32 voxels) of every demo volume, exactly as `build_demo` writes them."""
+    import nibabel as nib
+
+    for _, subject, _, source in _sources():
+        img = source() if callable(source) else nib.load(str(source))
+        yield subject, np.asarray(_as_3d_float(img).dataobj)  # type: ignore[attr-defined]
 
 
 def build_demo(out_dir: Path) -> Path:

@@ -184,20 +184,21 @@ def index_digest(store_dir: Path) -> str:
 T = TypeVar("T")
 
 
-def build_once(store_dir: Path, build: Callable[[], T]) -> T | None:
-    """Run `build` (which completes `store_dir`) unless the store is ready; returns what it returned.
+def build_once(store_dir: Path, build: Callable[[], T], ready: Callable[[Path], bool] = store_ready) -> T | None:
+    """Run `build` (which completes `store_dir`) unless `ready(store_dir)` (default: a complete
+    store); returns what it returned.
 
     A file lock beside the store serialises callers on a host (two launches on one cache): one
     builds, the others wait and then find the store ready (and return None). An interrupted build
     leaves no store.json, so the next call builds again (reusing the finished images).
     """
     store_dir = Path(store_dir)
-    if store_ready(store_dir):
+    if ready(store_dir):
         return None
     store_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(store_dir.parent / f".{store_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return None if store_ready(store_dir) else build()
+        return None if ready(store_dir) else build()
 
 
 def map_npy(path: Path) -> np.ndarray:

@@ -96,6 +96,8 @@ def launch(
         except DataError as exc:
             exc.where = spec.where(exc.where or "data")
             raise
+        if spec.model.init_from is not None and not Path(spec.model.init_from).is_file():
+            raise DataError("file not found", where=f"{spec.where('model.init_from')}: {spec.model.init_from}")
         chosen, plan = make_plan(spec, launcher, hostfile)
         if dry_run:
             echo(describe(chosen, plan))
@@ -125,8 +127,9 @@ def describe_data(spec: RunSpec, cluster: Cluster) -> str:
 
 
 def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> Path:
-    """Make the store complete before any rank starts (the collective time-out then bounds only
-    collectives), and say when the dataset is smaller than the global batch; returns the store."""
+    """Make the store (and the online probe's evaluation volume) complete before any rank starts
+    (the collective time-out then bounds only collectives), and say when the dataset is smaller than
+    the global batch; returns the store."""
     from ds_simclr.data.sampling import repeated_pairs
     from ds_simclr.data.source import cores, prepare_store
     from ds_simclr.data.store import PatchStore
@@ -145,4 +148,8 @@ def prepare_data(spec: RunSpec, cluster: Cluster, echo=log) -> Path:
             f"the store has {volumes} volumes, fewer than the global batch of {batch} pairs: {repeats} pairs"
             " of every step repeat a volume (false negatives for NT-Xent); more volumes or a smaller batch avoid it"
         )
+    if spec.probes_online:  # the ranks only load it
+        from ds_simclr.evaluation.atlas import ensure_eval_set
+
+        ensure_eval_set(spec.data.cache_dir)
     return store
