@@ -139,6 +139,18 @@ class WandbRun:
         self._run.log(payload, step=row["step"])
         self.logged_through = row["step"]
 
+    def summarize(self, values: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+        """Set run-level values that belong to no training step (W&B's run summary), e.g. what
+        `ds_simclr evaluate` measured on a checkpoint after later steps were logged."""
+        if self._run is None:
+            return
+        payload = dict(values)
+        if images:
+            import wandb
+
+            payload.update({key: wandb.Image(value) for key, value in images.items()})
+        self._run.summary.update(payload)
+
     def close(self) -> None:
         if self._run is not None:
             self._run.finish()

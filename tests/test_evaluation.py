@@ -24,16 +24,16 @@ def test_the_volume_is_preprocessed_like_the_store(eval_cache: Path, tmp_path: P
     """The store's own per-image step applied to the template gives the evaluation image."""
     from ds_simclr.data.manifest import ManifestImage
     from ds_simclr.data.preprocess import Plan, process_image
+    from ds_simclr.data.store import volume_file
     from ds_simclr.evaluation.atlas import TEMPLATE_FILE, _package_data
 
     ev = load_eval_set(eval_cache)
-    (tmp_path / "images").mkdir()
     item = ManifestImage("mni", "d", "s", "ses", _package_data() / TEMPLATE_FILE, "T1w", None, "f")
     record = process_image(item, Plan(), tmp_path)
-    stored = np.load(tmp_path / record["entry"]["file"])
+    stored = np.load(tmp_path / volume_file(record["id"]))
     assert stored.shape == ev.image.shape
     np.testing.assert_allclose(stored.astype(np.float32), ev.image.astype(np.float32), atol=2e-2)
-    assert record["entry"]["pad_value"] == pytest.approx(ev.pad_value)
+    assert record["pad_value"] == pytest.approx(ev.pad_value)
 
 
 def test_labels_lie_in_their_hemisphere(eval_cache: Path) -> None:
@@ -125,8 +125,12 @@ def test_evaluate_continues_the_runs_wandb_run(evaluated: dict) -> None:
     wandb = Path(sys.executable).with_name("wandb")
     records = subprocess.run([str(wandb), "leet", "inspect", "--json", str(folders[-1])], capture_output=True,
                              text=True, timeout=120).stdout
-    history = [json.loads(line) for line in records.splitlines() if '"history"' in line]
-    assert any("evaluate/region_logreg_mirrored/pretrained" in json.dumps(h) for h in history)
+    # Run-level values (the summary): the run's history already runs past the evaluated step.
+    summary = [json.loads(line)["summary"]["update"] for line in records.splitlines() if '"type":"summary"' in line]
+    (values,) = [u for u in summary if "evaluate/step" in u]
+    assert values["evaluate/step"] == 4
+    assert values["evaluate/region_logreg_mirrored/pretrained"] == evaluated["report"]["region_probe"]["scores"][
+        "pretrained"]["logreg_mirrored"]["mean"]
 
 
 def test_evaluate_a_folder_without_checkpoint_exits_2(tmp_path: Path, capsys) -> None:

@@ -259,7 +259,7 @@ def _log_wandb(paths: RunPaths, spec: RunSpec, report: dict[str, Any], png: Path
         return
     from ds_simclr.telemetry import WandbRun
 
-    row: dict[str, Any] = {"step": report["step"] or 0}
+    row: dict[str, Any] = {"evaluate/step": report["step"] or 0}
     for name, scores in report["region_probe"]["scores"].items():
         row.update({f"evaluate/region_{test}/{name}": s["mean"] for test, s in scores.items()})
     row.update({f"evaluate/region_{t}/gain": s["mean"] for t, s in report["region_probe"]["paired_gain"].items()})
@@ -267,6 +267,6 @@ def _log_wandb(paths: RunPaths, spec: RunSpec, report: dict[str, Any], png: Path
     run = WandbRun(paths, spec.logging.wandb_project, spec.logging.wandb_entity, spec.logging.wandb_mode,
                    spec.name or paths.root.name, config={})
     try:
-        run.log(row, {"evaluate/plot": str(png)})
+        run.summarize(row, {"evaluate/plot": str(png)})
     finally:
         run.close()
