@@ -1,6 +1,6 @@
 """Faults while a real 2-rank job runs through `ds_simclr launch`, and what `launch` says about them.
 
-- The fault campaign (`benchmarks/faults.py`, 12 of its trials): after a SIGKILLed rank (also while a
+- The fault campaign (`benchmarks/faults.py`, 8 of its trials): after a SIGKILLed rank (also while a
   checkpoint is written), a killed launcher, SIGTERM/SIGUSR1, a deleted, truncated or garbled newest
   checkpoint, garbage in `latest` or a torn metrics line, the same command finishes the run, resumed
   from the newest complete checkpoint, one metrics row per step, losses equal to the uninterrupted
