@@ -236,7 +236,7 @@ class Trainer:
             environment.update(store=str(store), store_identity=start.store_identity)
             write_atomic(path, json.dumps({**recorded, **environment}, indent=2) + "\n")
 
-        fresh = self.paths.latest_tag() is None  # a resumed run loads its checkpoint instead
+        fresh = start.load_tag is None  # a resumed run loads its checkpoint instead
         model, origin = training_model(spec, warm=fresh)
         if self.rank_zero and fresh and spec.model.init_from is not None:
             print(f"init_from: starting from the {origin}", flush=True)

@@ -72,11 +72,8 @@ class RunPaths:
 
     def latest_tag(self) -> str | None:
         """The tag `checkpoints/latest` names, if that checkpoint exists."""
-        latest = self.checkpoints / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        return tag if (self.checkpoints / tag).is_dir() else None
+        tag = read_latest(self.checkpoints)  # damaged bytes read as a name no folder has
+        return tag if tag and (self.checkpoints / tag).is_dir() else None
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
