@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,19 @@ RUNNING_KINDS = ("kill_rank", "kill_rank_in_checkpoint", "kill_launcher", "sigte
 ON_DISK_KINDS = ("delete_newest", "truncate_newest", "garbage_newest", "garbage_latest", "torn_metrics")
 KINDS = RUNNING_KINDS + ON_DISK_KINDS
 TIMEOUT_S = 300.0
+
+
+def kill_group(proc: subprocess.Popen, alive: Callable[[], list[int]], wait_s: float) -> list[int]:
+    """`kill -9` of `proc`'s process group; wait up to `wait_s` for `alive()` to be empty, then kill
+    and return the pids that outlived it (empty when everything died with the group)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = alive()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 @dataclass
@@ -224,13 +238,7 @@ class Campaign:
         output = second.communicate(timeout=TIMEOUT_S)[0]
         refused = second.returncode == 2 and "another job holds this run directory" in output
         step = len(rows(run))
-        os.killpg(proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while rank_pids(run) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = rank_pids(run)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
+        left = kill_group(proc, lambda: rank_pids(run), wait_s=15)
         detail = (
             f"kill -9 of launch's process group after step {step}; a second job meanwhile: "
             + ("refused" if refused else f"NOT refused ({second.returncode}: {tail(output)})")

@@ -248,14 +248,8 @@ def test_killing_launch_ends_the_deepspeed_launchers_ranks(tmp_path: Path, demo_
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(_processes_naming(run_dir)) >= 3, log.read_text()[-2000:]  # runner, launch.py, 2 ranks
-    os.killpg(proc.pid, signal.SIGKILL)
+    left = faults.kill_group(proc, lambda: _processes_naming(run_dir), wait_s=20)
     proc.wait()
-    deadline = time.monotonic() + 20
-    while _processes_naming(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = _processes_naming(run_dir)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
     assert not left, "processes outlived launch"
 
 
